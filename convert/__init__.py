@@ -1,0 +1,1 @@
+"""The `vipllava-convert` command (installed as `vipllava_jax.convert`)."""

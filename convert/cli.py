@@ -1,0 +1,45 @@
+"""`vipllava-convert`: HF VipLlava folder <-> Orbax folder. The logic is in vipllava_jax.checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vipllava_jax.errors import VipLlavaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vipllava-convert", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-orbax", help="HF checkpoint folder -> Orbax folder")
+    a.add_argument("src")
+    a.add_argument("dst")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="parameter dtype to store (default: the checkpoint's own)")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    b = sub.add_parser("orbax-to-hf", help="Orbax folder -> HF safetensors folder")
+    b.add_argument("src")
+    b.add_argument("dst")
+    b.add_argument("--max-shard-size", type=float, default=5.0, help="GiB per safetensors shard")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    args = parser.parse_args(argv)
+
+    from vipllava_jax import checkpoint  # after argument parsing: --help stays fast
+
+    try:
+        if args.command == "hf-to-orbax":
+            out = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype,
+                                         overwrite=args.overwrite, progress=True)
+        else:
+            out = checkpoint.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
+                                         max_shard_bytes=int(args.max_shard_size * 2**30),
+                                         progress=True)
+    except VipLlavaError as e:
+        print(f"vipllava-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""vipllava-jax: VipLlava in JAX/Flax NNX, logit-for-logit equal to transformers' PyTorch model."""
+
+from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
+from vipllava_jax.errors import CheckpointError, ConfigError, VipLlavaError
+from vipllava_jax.modeling import VipLlavaForConditionalGeneration, VipLlavaOutput
+from vipllava_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+
+__all__ = [
+    "CLIPVisionConfig",
+    "CheckpointError",
+    "ConfigError",
+    "LOGICAL_AXIS_RULES",
+    "TextConfig",
+    "VipLlavaConfig",
+    "VipLlavaError",
+    "VipLlavaForConditionalGeneration",
+    "VipLlavaOutput",
+    "make_mesh",
+]

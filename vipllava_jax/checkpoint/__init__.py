@@ -1,0 +1,235 @@
+"""Checkpoints: HF folders <-> our parameters <-> Orbax folders.
+
+An Orbax folder written here holds:
+
+    config.json        the HF config (transformers 5.x dialect), `dtype` = the stored dtype
+    params/            an Orbax checkpoint of the parameters, nested by our module paths
+    vipllava_jax.json  a marker with the format version
+    tokenizer/processor files copied from the HF source, if any
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from vipllava_jax.checkpoint.hf import is_weight_file, read_hf_params, write_hf_params
+from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.errors import CheckpointError
+from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
+
+MARKER = "vipllava_jax.json"
+PARAMS_DIR = "params"
+FORMAT = {"format": "vipllava-jax-orbax", "version": 1}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def normalize_dtype(dtype) -> str:
+    name = str(jnp.dtype(str(dtype).removeprefix("torch.")))
+    if name not in DTYPES:
+        raise CheckpointError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
+    return name
+
+
+def is_orbax_folder(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+# -- flat path dicts <-> nested trees ---------------------------------------------------------
+
+def flat_state(state: nnx.State) -> dict[str, tuple]:
+    """Our dotted parameter path -> the path tuple in the NNX state."""
+    return {".".join(map(str, p)): tuple(p) for p, _ in nnx.to_flat_state(state)}
+
+
+def nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# -- writing folders atomically ----------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output(dst: str | Path, *, overwrite: bool = False):
+    """Yields a temporary sibling of `dst`; renames it to `dst` only if the block succeeds."""
+    dst = Path(dst).absolute()
+    if dst.exists() and not overwrite:
+        raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
+# -- Orbax -------------------------------------------------------------------------------------
+
+def save_params(params: dict[str, object], path: Path) -> None:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(Path(path).absolute(), nest(params))
+    ckptr.wait_until_finished()
+
+
+def restore_params(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restores onto `target`'s shapes, dtypes (cast if stored otherwise) and shardings."""
+    path = Path(path).absolute()
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        stored = flatten(ckptr.metadata(path).item_metadata.tree)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({type(e).__name__})") from None
+    for name in stored:
+        if name not in target:
+            raise CheckpointError(f"unexpected weight {name} in {path}")
+    for name, want in target.items():
+        if name not in stored:
+            raise CheckpointError(f"missing weight {name} in {path}")
+        if tuple(stored[name].shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"shape mismatch for {name}: checkpoint has {tuple(stored[name].shape)}, "
+                f"model expects {tuple(want.shape)}"
+            )
+    restored = flatten(ckptr.restore(path, nest(target)))
+    return {
+        k: jax.device_put(v, target[k].sharding) if isinstance(v, np.ndarray) else v
+        for k, v in restored.items()
+    }
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules=None):
+    """See `VipLlavaForConditionalGeneration.from_pretrained`."""
+    path = Path(path)
+    config = VipLlavaConfig.from_pretrained(path)
+    param_dtype = jnp.dtype(param_dtype or dtype)
+    graphdef, state = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
+    paths = flat_state(state)
+    if mesh is not None:
+        shard_state = state_shardings(state, mesh, rules or LOGICAL_AXIS_RULES)
+        by_path = {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(shard_state)}
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        by_path = dict.fromkeys(paths, device)
+    target = {
+        k: jax.ShapeDtypeStruct(v.value.shape, param_dtype, sharding=by_path[k])
+        for k, v in ((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(state))
+    }
+    if is_orbax_folder(path):
+        arrays = restore_params(path / PARAMS_DIR, target)
+    else:
+        arrays = read_hf_params(
+            path, target, tied_head=config.text_config.tie_word_embeddings,
+            convert=lambda k, a: jax.device_put(np.asarray(a, param_dtype), target[k].sharding),
+        )
+    pure = state.to_pure_dict()
+    for name, array in arrays.items():
+        node = pure
+        *parents, leaf = paths[name]
+        for p in parents:
+            node = node[p]
+        node[leaf] = array
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def model_params(model: nnx.Module) -> dict[str, jax.Array]:
+    return {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def _write_orbax_folder(tmp: Path, params: dict, config: VipLlavaConfig, dtype: str) -> None:
+    save_params(params, tmp / PARAMS_DIR)
+    config = VipLlavaConfig(**{**config.__dict__, "dtype": dtype})
+    config.save_pretrained(tmp)
+    (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
+
+
+def save_model(model, path, *, overwrite=False) -> None:
+    params = model_params(model)
+    dtype = normalize_dtype(next(iter(params.values())).dtype)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        _write_orbax_folder(tmp, params, model.config, dtype)
+
+
+# -- the two conversions -----------------------------------------------------------------------
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Tokenizer, processor and generation files travel with the weights."""
+    skip = {"config.json", MARKER}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not is_weight_file(f.name) and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+
+
+def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Path:
+    """Converts an HF VipLlava folder to an Orbax folder; returns the destination."""
+    from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
+
+    src, dst = Path(src), Path(dst)
+    config = VipLlavaConfig.from_pretrained(src)
+    dtype = normalize_dtype(dtype or config.dtype)
+    _, state = nnx.split(Model.abstract(config, param_dtype=dtype))
+    expected = {
+        ".".join(map(str, p)): jax.ShapeDtypeStruct(v.value.shape, dtype) for p, v in nnx.to_flat_state(state)
+    }
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        # Each tensor goes straight to a jax array in the target dtype (one copy of the model).
+        params = read_hf_params(
+            src, expected, tied_head=config.text_config.tie_word_embeddings, progress=progress,
+            convert=lambda _, a: jnp.asarray(np.asarray(a, dtype)),
+        )
+        _write_orbax_folder(tmp, params, config, dtype)
+        del params
+        _copy_side_files(src, tmp)
+    return dst
+
+
+def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progress=False) -> Path:
+    """Converts an Orbax folder back to a folder transformers loads."""
+    src, dst = Path(src), Path(dst)
+    if not is_orbax_folder(src):
+        raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER})")
+    config = VipLlavaConfig.from_pretrained(src)
+    from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
+
+    model = Model.from_pretrained(src, dtype=config.dtype)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        write_hf_params(model_params(model), tmp, max_shard_bytes=max_shard_bytes, progress=progress)
+        config.save_pretrained(tmp)
+        _copy_side_files(src, tmp)
+    return dst

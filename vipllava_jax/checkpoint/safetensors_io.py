@@ -1,0 +1,108 @@
+"""A minimal safetensors reader/writer that streams one tensor at a time.
+
+Why not `safetensors.numpy`: its loaders return whole files, cannot name the tensor a
+truncated file cuts off, and numpy has no bfloat16 without ml_dtypes. The format is tiny
+(8-byte little-endian header length, a JSON header, then raw little-endian bytes), so reading
+it here gives zero-copy memory-mapped tensors, bfloat16 via ml_dtypes, and precise errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from vipllava_jax.errors import CheckpointError
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class SafetensorsFile:
+    """The header of one .safetensors file; `read(name)` maps and copies one tensor."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file (header of {n} bytes, file of {size})"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{self.path}: corrupt safetensors header") from None
+        self.data_start = 8 + n
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(
+                    f"{self.path}: corrupt tensor {name}: {end - begin} bytes for shape {shape} {e['dtype']}"
+                )
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated safetensors file: tensor {name} ends at byte "
+                    f"{self.data_start + end} but the file has {size}"
+                )
+            self.entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        """A memory-mapped view of one tensor (pages are read on first touch)."""
+        dtype, shape, begin, _ = self.entries[name]
+        if math.prod(shape) == 0:
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
+
+
+def write_safetensors(
+    path: str | Path,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Writes tensors given as (name, shape, dtype, make) and calls `make()` one at a time."""
+    tensors = list(tensors)
+    header: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, make in tensors:
+            arr = np.ascontiguousarray(make(), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise CheckpointError(f"tensor {name} has shape {arr.shape}, header says {shape}")
+            f.write(arr.reshape(-1).view(np.uint8).data)

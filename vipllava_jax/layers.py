@@ -1,0 +1,122 @@
+"""Building blocks shared by the vision tower, the projector and the decoder.
+
+Norms compute in float32 whatever the compute dtype (as transformers does for RMSNorm and as
+mixed precision needs for LayerNorm), then cast back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DType = jnp.dtype | type | str
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers' ACT2FN names. "gelu" is the exact (erf) GELU; jax.nn.gelu defaults to tanh.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": quick_gelu,
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} (supported: {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+def linear(
+    din: int,
+    dout: int,
+    axes: tuple[str, str],
+    *,
+    bias: bool,
+    dtype: DType,
+    param_dtype: DType,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """An nnx.Linear (kernel `[in, out]`) whose kernel and bias carry logical axis names."""
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata={"out_sharding": axes},
+        bias_metadata={"out_sharding": axes[1:]},
+        rngs=rngs,
+    )
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with two-pass variance in float32; params `scale`, `bias` as in Flax."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: DType, param_dtype: DType, axis: str = "norm"):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(axis,))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), out_sharding=(axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale (transformers' order)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: DType, param_dtype: DType):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return self.scale.value.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_cos_sin(
+    positions: jax.Array, head_dim: int, theta: float, factor: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[batch, seq, head_dim]` in float32, transformers' rotate_half layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] / factor * inv_freq  # [B, T, head_dim/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, head_dim]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[B, T, N, H]` rotated by cos/sin `[B, T, H]` (rotate_half: no weight permutation)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float
+) -> jax.Array:
+    """Softmax attention, q `[B, T, N, H]`, k/v `[B, S, K, H]` (K divides N: GQA).
+
+    mask: bool `[B, 1, T, S]` (True = may attend) or None. Logits and softmax run in float32.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+

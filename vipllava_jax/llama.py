@@ -1,0 +1,121 @@
+"""The language model: a Llama (Vicuna) or Mistral decoder, named as in transformers.
+
+`LlamaModel` maps input embeddings to final hidden states; the head lives on the VipLlava
+model (tied to `embed_tokens` or not), as in transformers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vipllava_jax.config import TextConfig
+from vipllava_jax.layers import DType, RMSNorm, activation, apply_rope, attention, linear, rope_cos_sin
+
+
+def decoder_mask(
+    attention_mask: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
+    sliding_window: int | None,
+) -> jax.Array:
+    """bool `[B, 1, T, S]`: query t may attend key s.
+
+    A key is visible when it is not padding (`attention_mask[b, s]`), not in the future
+    (`k <= q`) and, for Mistral, within the window (`q - k < sliding_window`). Positions here
+    are slots in the sequence (cache positions), not the RoPE position ids. Example, T = S = 4,
+    left padding of 1 (`attention_mask = [0, 1, 1, 1]`):
+
+        q\\k 0 1 2 3
+        0   . . . .     <- a padding query sees nothing; its output is never used
+        1   . x . .
+        2   . x x .
+        3   . x x x
+    """
+    q = q_positions[:, :, None]  # [B, T, 1]
+    k = k_positions[:, None, :]  # [B, 1, S]
+    mask = (k <= q) & attention_mask[:, None, :].astype(bool)
+    if sliding_window is not None:
+        mask &= q - k < sliding_window
+    return mask[:, None]  # [B, 1, T, S]
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, h
+        )
+        self.rope_theta, self.rope_factor = cfg.rope_theta, cfg.rope_factor
+        kw = dict(bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, self.num_heads * h, ("embed", "heads"), **kw)
+        self.k_proj = linear(d, self.num_kv_heads * h, ("embed", "kv_heads"), **kw)
+        self.v_proj = linear(d, self.num_kv_heads * h, ("embed", "kv_heads"), **kw)
+        self.o_proj = linear(self.num_heads * h, d, ("heads", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, T, N, H]
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+        self.gate_proj = linear(d, f, ("embed", "mlp"), **kw)
+        self.up_proj = linear(d, f, ("embed", "mlp"), **kw)
+        self.down_proj = linear(f, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.self_attn = LlamaAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
+        self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nnx.Module):
+    """embed_tokens -> decoder layers -> norm."""
+
+    def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata={"out_sharding": ("vocab", "embed")}, rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for _ in range(cfg.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(
+        self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array
+    ) -> jax.Array:
+        """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`."""
+        cfg = self.config
+        b, t, _ = inputs_embeds.shape
+        slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = decoder_mask(attention_mask, slots, slots, cfg.sliding_window)
+        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
+        x = inputs_embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.norm(x)

@@ -1,0 +1,236 @@
+"""VipLlava: CLIP features from several layers -> projector -> merged into the decoder's input.
+
+Data flow for one forward pass:
+
+    pixel_values [B_img, 3, H, W] --CLIP--> hidden states at vision_feature_layer, CLS dropped
+        --concat--> [B_img, N, L*Dv] --projector--> image features [B_img, N, D]
+    input_ids [B, T] --embed_tokens--> [B, T, D]; the i-th image-token position gets the i-th
+        image feature (row-major over the batch, as transformers' masked_scatter)
+    --decoder--> [B, T, D] --lm_head--> logits [B, T, V]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from vipllava_jax.clip import CLIPVisionModel
+from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.layers import DType, LayerNorm, activation, linear
+from vipllava_jax.llama import LlamaModel
+
+IGNORE_INDEX = -100
+
+
+@struct.dataclass
+class VipLlavaOutput:
+    logits: jax.Array  # [B, T, V]
+    loss: jax.Array | None = None  # scalar, when labels were given
+
+
+class VipLlavaMultiModalProjector(nnx.Module):
+    """LayerNorm -> linear_1 -> GELU (exact) -> linear_2 over concatenated vision layers."""
+
+    def __init__(self, cfg: VipLlavaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        din = len(cfg.feature_layer_indices) * cfg.vision_config.hidden_size
+        d = cfg.text_config.hidden_size
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.projector_layernorm = LayerNorm(
+            din, eps=cfg.projector_layernorm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.linear_1 = linear(din, d, ("vision_features", "embed"), **kw)
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_2 = linear(d, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(self.projector_layernorm(x))))
+
+
+def merge_image_features(
+    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token: int
+) -> jax.Array:
+    """Puts the k-th image feature at the k-th image-token position (row-major over the batch).
+
+    Static shapes: a cumulative count turns each image-token position into its feature's index.
+    The counts must already agree (checked by `check_inputs` before tracing).
+    """
+    b, t, d = inputs_embeds.shape
+    is_image = input_ids == image_token  # [B, T]
+    index = jnp.cumsum(is_image.reshape(-1)) - 1  # [B*T]
+    features = image_features.reshape(-1, d).astype(inputs_embeds.dtype)  # [B_img*N, D]
+    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(b, t, d)
+    return jnp.where(is_image[..., None], gathered, inputs_embeds)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """transformers' causal LM loss: predict labels[t+1] from position t, -100 ignored,
+    mean over the counted tokens (computed in float32)."""
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    targets = labels[:, 1:]  # [B, T-1]
+    counted = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    safe = jnp.where(counted, targets, 0)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(counted, nll, 0.0)) / jnp.sum(counted)
+
+
+class VipLlavaForConditionalGeneration(nnx.Module):
+    """The whole model, with transformers' parameter names and call signature."""
+
+    def __init__(
+        self,
+        config: VipLlavaConfig,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = CLIPVisionModel(config.vision_config, **kw)
+        self.multi_modal_projector = VipLlavaMultiModalProjector(config, **kw)
+        self.language_model = LlamaModel(config.text_config, **kw)
+        tc = config.text_config
+        self.lm_head = (
+            None if tc.tie_word_embeddings
+            else linear(tc.hidden_size, tc.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        )
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, config: VipLlavaConfig, *, dtype: DType = "float32", param_dtype: DType | None = None,
+        seed: int = 0,
+    ) -> VipLlavaForConditionalGeneration:
+        """A randomly initialised model (for tests and benchmarks)."""
+        with nnx.use_eager_sharding(False):
+            return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
+
+    @classmethod
+    def abstract(
+        cls, config: VipLlavaConfig, *, dtype: DType = "float32", param_dtype: DType | None = None
+    ) -> VipLlavaForConditionalGeneration:
+        """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
+        with nnx.use_eager_sharding(False):
+            return nnx.eval_shape(
+                lambda: cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0))
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: DType = "float32",
+        param_dtype: DType | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=None,
+    ) -> VipLlavaForConditionalGeneration:
+        """Loads a converted Orbax folder (or an HF VipLlava folder) as a ready model.
+
+        Args:
+          path: a folder written by `vipllava-convert hf-to-orbax`, or an HF checkpoint folder.
+          dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
+          mesh: restore each parameter straight onto this mesh, sharded by the logical axis
+            rules (`vipllava_jax.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
+        """
+        from vipllava_jax.checkpoint import load_model  # the loader depends on this module
+
+        return load_model(
+            cls, path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules
+        )
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Writes the Orbax folder that `from_pretrained` reads."""
+        from vipllava_jax.checkpoint import save_model
+
+        save_model(self, path, overwrite=overwrite)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values `[B_img, 3, H, W]` -> projected features `[B_img, N, D]`."""
+        states = self.vision_tower(pixel_values, self.config.feature_layer_indices)
+        features = jnp.concatenate([s[:, 1:] for s in states], axis=-1)  # drop CLS
+        return self.multi_modal_projector(features)
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            table = self.language_model.embed_tokens.embedding.value.astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", hidden, table)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+    ) -> VipLlavaOutput:
+        """Logits (and the loss when `labels` are given), as transformers' forward.
+
+        Args:
+          input_ids: int `[B, T]` with one `image_token_index` per image feature.
+          pixel_values: float `[B_img, 3, H, W]` (HF processor layout) or None.
+          attention_mask: `[B, T]`, 1 for tokens and 0 for (left) padding; default all ones.
+          position_ids: `[B, T]`; default `0..T-1` as transformers' forward.
+          labels: int `[B, T]`; shifted inside, -100 ignored.
+        """
+        check_inputs(self.config, input_ids, pixel_values, attention_mask, labels)
+        input_ids = jnp.asarray(input_ids)
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        image_token = self.config.image_token_index
+        is_image = input_ids == image_token
+        # The image token id may lie outside the embedding table; its rows are replaced anyway.
+        embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
+        if pixel_values is not None:
+            features = self.get_image_features(jnp.asarray(pixel_values))
+            embeds = merge_image_features(input_ids, embeds, features, image_token)
+        hidden = self.language_model(embeds, jnp.asarray(attention_mask), jnp.asarray(position_ids))
+        logits = self.logits_from_hidden(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        return VipLlavaOutput(logits=logits, loss=loss)
+
+
+def check_inputs(config: VipLlavaConfig, input_ids, pixel_values, attention_mask, labels) -> None:
+    """Clear errors for inconsistent inputs, before anything is traced or compiled.
+
+    Checks that need values (the image-token count) run only on concrete arrays; under a
+    trace they were the caller's job.
+    """
+    shape = np.shape(input_ids)
+    if len(shape) != 2:
+        raise VipLlavaError(f"input_ids must be [batch, seq], got shape {shape}")
+    for name, x in (("attention_mask", attention_mask), ("labels", labels)):
+        if x is not None and np.shape(x) != shape:
+            raise VipLlavaError(f"{name} has shape {np.shape(x)}, input_ids has {shape}")
+    vc = config.vision_config
+    want = (vc.num_channels, vc.image_size, vc.image_size)
+    if pixel_values is not None and (len(np.shape(pixel_values)) != 4 or np.shape(pixel_values)[1:] != want):
+        raise VipLlavaError(
+            f"pixel_values must be [num_images, {want[0]}, {want[1]}, {want[2]}], "
+            f"got shape {np.shape(pixel_values)}"
+        )
+    if isinstance(input_ids, jax.core.Tracer):
+        return
+    n_tokens = int(np.sum(np.asarray(input_ids) == config.image_token_index))
+    n_images = 0 if pixel_values is None else np.shape(pixel_values)[0]
+    n_features = n_images * config.num_image_tokens
+    if n_tokens != n_features:
+        raise VipLlavaError(
+            f"image tokens and image features do not match: input_ids hold {n_tokens} image "
+            f"tokens (id {config.image_token_index}) but {n_images} image(s) give {n_features} "
+            f"features ({config.num_image_tokens} per image)"
+        )
