@@ -116,7 +116,13 @@ def attention(
 ) -> jax.Array:
     """Softmax attention, q `[B, T, N, H]`, k/v `[B, S, K, H]` (K divides N: GQA).
 
-    mask: bool `[B, 1, T, S]` (True = may attend) or None. Logits and softmax run in float32.
+    mask: bool `[B, 1, T, S]` (True = may attend) or None. A query that may attend no key
+    (a left-padding row) outputs zeros, as torch's scaled_dot_product_attention does; this
+    keeps padded rows, and a loss that reads them, equal to transformers'.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
+    if mask is None:
+        return out
+    sees_any = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
+    return jnp.where(sees_any, out, 0).astype(out.dtype)
 

@@ -1,0 +1,171 @@
+"""Tiny random VipLlava checkpoints, built and saved by transformers itself (no hub access).
+
+`make_hf_checkpoint(path, **shape)` saves a transformers VipLlava model with save_pretrained
+and then, if asked, rewrites it into the other on-disk layouts found in the wild
+(SPEC.md: transformers 4.37-4.51 and 4.52-4.57 key prefixes, old config field names,
+sharded safetensors, pytorch_model.bin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+import torch
+
+IMAGE_TOKEN = 100
+VOCAB = 128
+
+
+def tiny_config(
+    *,
+    text_model="llama",
+    num_heads=4,
+    num_kv_heads=2,
+    feature_layers=(-2, -5, 1, 0),
+    tied=False,
+    image_size=28,
+    vision_layers=5,
+    sliding_window=None,
+):
+    from transformers import CLIPVisionConfig, LlamaConfig, MistralConfig, VipLlavaConfig
+
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=14, projection_dim=16,
+    )
+    text_kw = dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, vocab_size=VOCAB, max_position_embeddings=256,
+        tie_word_embeddings=tied, rms_norm_eps=1e-5,
+    )
+    if text_model == "mistral":
+        text = MistralConfig(sliding_window=sliding_window, **text_kw)
+    else:
+        text = LlamaConfig(**text_kw)
+    return VipLlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(),
+        image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layers,
+        tie_word_embeddings=tied,
+    )
+
+
+def make_hf_model(seed=0, **kw):
+    from transformers import VipLlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = VipLlavaForConditionalGeneration(tiny_config(**kw)).eval()
+    # Random init leaves norms at ones/zeros; perturb every parameter so each one matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+# Key prefix rewrites from transformers 5.x's save_pretrained layout to the older ones.
+_OLD_LAYOUTS = {
+    "v4_37": (("vision_tower.", "vision_tower.vision_model."),),
+    "v4_52": (
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("vision_tower.", "model.vision_tower.vision_model."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+    ),
+}
+
+
+def _rename(key: str, layout: str) -> str:
+    for new, old in _OLD_LAYOUTS.get(layout, ()):
+        if key.startswith(new):
+            return old + key[len(new):]
+    return key
+
+
+def save_hf_model(model, path, *, layout="v5", shards=1, fmt="safetensors", dtype=torch.float32,
+                  old_config=False) -> Path:
+    """Saves `model` in one of the layouts of SPEC.md; returns the folder."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    model.save_pretrained(path)  # config.json (and the 5.x layout, replaced below)
+    for f in list(path.glob("model*.safetensors*")) + list(path.glob("pytorch_model*")):
+        f.unlink()
+    state = {}
+    for k, v in model.state_dict().items():
+        if model.config.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        k5 = {"lm_head.weight": "language_model.lm_head.weight"}.get(k, k)
+        k5 = k5.replace("model.language_model.", "language_model.model.", 1) if k5.startswith("model.language_model.") else k5
+        k5 = k5.removeprefix("model.") if k5.startswith(("model.vision_tower.", "model.multi_modal_projector.")) else k5
+        state[_rename(k5, layout)] = v.detach().to(dtype).contiguous().clone()
+    keys = sorted(state)
+    groups = [keys[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = f"{stem}.{ext}" if shards == 1 else f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}"
+        part = {k: state[k] for k in group}
+        if fmt == "safetensors":
+            save_file(part, path / name, metadata={"format": "pt"})
+        else:
+            torch.save(part, path / name)
+        weight_map.update(dict.fromkeys(group, name))
+    if shards > 1:
+        index = {"metadata": {}, "weight_map": weight_map}
+        (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
+    if old_config:
+        _write_old_config(path, dtype)
+    return path
+
+
+def _write_old_config(path: Path, dtype) -> None:
+    """Rewrites config.json in the 4.37 dialect: vision_feature_layers, torch_dtype, rope_theta."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_feature_layers"] = cfg.pop("vision_feature_layer")
+    cfg.pop("dtype", None)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    text = cfg["text_config"]
+    text["rope_theta"] = text.pop("rope_parameters")["rope_theta"]
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def make_inputs(config, *, batch=2, seq=16, images_per_row=1, left_pad=(0, 3), seed=0):
+    """input_ids with a run of image tokens per image, left padding, pixel values, labels."""
+    rng = np.random.default_rng(seed)
+    vc = config.vision_config
+    n_img = (vc.image_size // vc.patch_size) ** 2
+    ids = rng.integers(3, IMAGE_TOKEN, (batch, seq))
+    mask = np.ones((batch, seq), np.int64)
+    for b in range(batch):
+        pad = left_pad[b % len(left_pad)]
+        mask[b, :pad] = 0
+        ids[b, :pad] = 0
+        start = pad + 1
+        for _ in range(images_per_row):
+            ids[b, start:start + n_img] = IMAGE_TOKEN
+            start += n_img + 1
+    pixels = rng.standard_normal((batch * images_per_row, 3, vc.image_size, vc.image_size)).astype(np.float32)
+    labels = np.where((ids == IMAGE_TOKEN) | (mask == 0), -100, ids)
+    return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+
+
+def torch_forward(model, inputs):
+    with torch.no_grad():
+        out = model(**{k: torch.tensor(v) for k, v in inputs.items()})
+    return out.logits.float().numpy(), float(out.loss) if out.loss is not None else None
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(transformers model, folder) for the default tiny shape, saved by save_pretrained."""
+    model = make_hf_model()
+    path = tmp_path_factory.mktemp("tiny_hf")
+    model.save_pretrained(path)
+    return model, path
