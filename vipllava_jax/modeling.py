@@ -11,6 +11,7 @@ Data flow for one forward pass:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -177,6 +178,10 @@ class VipLlavaForConditionalGeneration(nnx.Module):
     ) -> VipLlavaOutput:
         """Logits (and the loss when `labels` are given), as transformers' forward.
 
+        Inputs are validated first (clear errors, nothing compiled). Called on concrete
+        arrays, the forward runs as one compiled program (cached per input shape); called
+        under a trace (inside the caller's `jax.jit`), it is traced inline.
+
         Args:
           input_ids: int `[B, T]` with one `image_token_index` per image feature.
           pixel_values: float `[B_img, 3, H, W]` (HF processor layout) or None.
@@ -185,7 +190,16 @@ class VipLlavaForConditionalGeneration(nnx.Module):
           labels: int `[B, T]`; shifted inside, -100 ignored.
         """
         check_inputs(self.config, input_ids, pixel_values, attention_mask, labels)
-        input_ids = jnp.asarray(input_ids)
+        args = (input_ids, pixel_values, attention_mask, position_ids, labels)
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            return self.forward(*args)
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
+
+    def forward(
+        self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None
+    ) -> VipLlavaOutput:
+        """The traceable forward pass behind `__call__` (no input validation)."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -196,12 +210,17 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         # The image token id may lie outside the embedding table; its rows are replaced anyway.
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
         if pixel_values is not None:
-            features = self.get_image_features(jnp.asarray(pixel_values))
+            features = self.get_image_features(pixel_values)
             embeds = merge_image_features(input_ids, embeds, features, image_token)
-        hidden = self.language_model(embeds, jnp.asarray(attention_mask), jnp.asarray(position_ids))
+        hidden = self.language_model(embeds, attention_mask, position_ids)
         logits = self.logits_from_hidden(hidden)
-        loss = None if labels is None else causal_lm_loss(logits, jnp.asarray(labels))
+        loss = None if labels is None else causal_lm_loss(logits, labels)
         return VipLlavaOutput(logits=logits, loss=loss)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_forward(graphdef, state, *args) -> VipLlavaOutput:
+    return nnx.merge(graphdef, state).forward(*args)
 
 
 def check_inputs(config: VipLlavaConfig, input_ids, pixel_values, attention_mask, labels) -> None:
