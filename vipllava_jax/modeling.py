@@ -111,8 +111,15 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         seed: int = 0,
     ) -> VipLlavaForConditionalGeneration:
         """A randomly initialised model (for tests and benchmarks)."""
+
+        def init():
+            model = cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
+            return nnx.split(model)[1]
+
+        # One compiled initialiser: eagerly, every parameter's initialiser compiles on its own.
+        graphdef, _ = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
         with nnx.use_eager_sharding(False):
-            return cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
+            return nnx.merge(graphdef, jax.jit(init)())
 
     @classmethod
     def abstract(
