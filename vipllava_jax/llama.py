@@ -1,7 +1,8 @@
 """The language model: a Llama (Vicuna) or Mistral decoder, named as in transformers.
 
 `LlamaModel` maps input embeddings to final hidden states; the head lives on the VipLlava
-model (tied to `embed_tokens` or not), as in transformers.
+model (tied to `embed_tokens` or not), as in transformers. `LlamaModel.extend` runs the same
+layers against a preallocated static KV cache (prefill and decode for generation).
 """
 
 from __future__ import annotations
@@ -13,27 +14,29 @@ from flax import nnx
 from vipllava_jax.config import TextConfig
 from vipllava_jax.layers import DType, RMSNorm, activation, apply_rope, attention, linear, rope_cos_sin
 
+# One (keys, values) pair per layer, each [B, S, K, H], S = the cache length.
+KVCache = tuple[tuple[jax.Array, jax.Array], ...]
+
 
 def decoder_mask(
-    attention_mask: jax.Array, q_positions: jax.Array, k_positions: jax.Array,
-    sliding_window: int | None,
+    kv_mask: jax.Array, q_slots: jax.Array, k_slots: jax.Array, sliding_window: int | None,
 ) -> jax.Array:
     """bool `[B, 1, T, S]`: query t may attend key s.
 
-    A key is visible when it is not padding (`attention_mask[b, s]`), not in the future
-    (`k <= q`) and, for Mistral, within the window (`q - k < sliding_window`). Positions here
-    are slots in the sequence (cache positions), not the RoPE position ids. Example, T = S = 4,
-    left padding of 1 (`attention_mask = [0, 1, 1, 1]`):
+    A key is visible when it holds a real token (`kv_mask[b, s]`: not padding, already
+    written), is not in the future (`k <= q`) and, for Mistral, is within the window
+    (`q - k < sliding_window`). Slots are indices in the sequence / cache, not RoPE position
+    ids. Example, T = S = 4, left padding of 1 (`kv_mask = [0, 1, 1, 1]`):
 
         q\\k 0 1 2 3
-        0   . . . .     <- a padding query sees nothing; its output is never used
+        0   . . . .     <- a padding query sees nothing; its output is zeros, never used
         1   . x . .
         2   . x x .
         3   . x x x
     """
-    q = q_positions[:, :, None]  # [B, T, 1]
-    k = k_positions[:, None, :]  # [B, 1, S]
-    mask = (k <= q) & attention_mask[:, None, :].astype(bool)
+    q = q_slots[:, :, None]  # [B, T, 1]
+    k = k_slots[:, None, :]  # [B, 1, S]
+    mask = (k <= q) & kv_mask[:, None, :].astype(bool)
     if sliding_window is not None:
         mask &= q - k < sliding_window
     return mask[:, None]  # [B, 1, T, S]
@@ -45,21 +48,27 @@ class LlamaAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_attention_heads, cfg.num_key_value_heads, h
         )
-        self.rope_theta, self.rope_factor = cfg.rope_theta, cfg.rope_factor
         kw = dict(bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(d, self.num_heads * h, ("embed", "heads"), **kw)
         self.k_proj = linear(d, self.num_kv_heads * h, ("embed", "kv_heads"), **kw)
         self.v_proj = linear(d, self.num_kv_heads * h, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(self.num_heads * h, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        """x `[B, T, D]`; with `kv` (cache `[B, S, K, H]` x 2), this chunk's keys and values
+        are written at slot `index` and attention runs over the whole cache."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            at = (0, index, 0, 0)
+            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
+                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
+            k, v = kv  # [B, S, K, H]
         out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, T, N, H]
-        return self.o_proj(out.reshape(b, t, -1))
+        return self.o_proj(out.reshape(b, t, -1)), kv
 
 
 class LlamaMLP(nnx.Module):
@@ -85,9 +94,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 class LlamaModel(nnx.Module):
@@ -95,6 +105,7 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.config = cfg
+        self.dtype = dtype
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
@@ -110,12 +121,41 @@ class LlamaModel(nnx.Module):
         self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array
     ) -> jax.Array:
         """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`."""
-        cfg = self.config
         b, t, _ = inputs_embeds.shape
         slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = decoder_mask(attention_mask, slots, slots, cfg.sliding_window)
-        cos, sin = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)
+        mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
+        cos, sin = self._rope(position_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            x, _ = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        cfg = self.config
+        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers)
+
+    def extend(
+        self, inputs_embeds: jax.Array, position_ids: jax.Array, kv_mask: jax.Array,
+        cache: KVCache, index: jax.Array,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs a chunk `[B, T, D]` that occupies cache slots `index .. index+T-1`.
+
+        kv_mask `[B, S]` marks the slots holding real tokens once this chunk is written.
+        Returns the chunk's final hidden states and the updated cache.
+        """
+        b, t, _ = inputs_embeds.shape
+        s = cache[0][0].shape[1]
+        q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+        k_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
+        mask = decoder_mask(kv_mask, q_slots, k_slots, self.config.sliding_window)
+        cos, sin = self._rope(position_ids)
+        x, new_cache = inputs_embeds, []
+        for layer, kv in zip(self.layers, cache, strict=True):
+            x, kv = layer(x, cos, sin, mask, kv, index)
+            new_cache.append(kv)
+        return self.norm(x), tuple(new_cache)
+
+    def _rope(self, position_ids):
+        cfg = self.config
+        return rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta, cfg.rope_factor)

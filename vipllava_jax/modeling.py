@@ -169,6 +169,17 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         features = jnp.concatenate([s[:, 1:] for s in states], axis=-1)  # drop CLS
         return self.multi_modal_projector(features)
 
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+        """Token embeddings `[B, T, D]` with the image features merged in."""
+        image_token = self.config.image_token_index
+        is_image = input_ids == image_token
+        # The image token id may lie outside the embedding table; its rows are replaced anyway.
+        embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values)
+            embeds = merge_image_features(input_ids, embeds, features, image_token)
+        return embeds
+
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
             table = self.language_model.embed_tokens.embedding.value.astype(self.dtype)
@@ -212,17 +223,41 @@ class VipLlavaForConditionalGeneration(nnx.Module):
             attention_mask = jnp.ones((b, t), jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
-        image_token = self.config.image_token_index
-        is_image = input_ids == image_token
-        # The image token id may lie outside the embedding table; its rows are replaced anyway.
-        embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
-        if pixel_values is not None:
-            features = self.get_image_features(pixel_values)
-            embeds = merge_image_features(input_ids, embeds, features, image_token)
+        embeds = self.embed(input_ids, pixel_values)
         hidden = self.language_model(embeds, attention_mask, position_ids)
         logits = self.logits_from_hidden(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VipLlavaOutput(logits=logits, loss=loss)
+
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 64,
+        do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, seed: int = 0,
+        streamer=None,
+    ) -> np.ndarray:
+        """Greedy or sampled continuation, KV-cached, in one compiled program per shape.
+
+        Returns `[B, prompt_len + max_new_tokens]`: the prompt, then the new tokens, with
+        `pad_token_id` after a row's EOS (`eos_token_id` defaults to the config's). Sampling
+        applies temperature, top-k (0 = off) and top-p (1.0 = off), seeded by `seed`.
+        `streamer(tokens [B, n])` is called with each chunk of new tokens as it is produced.
+        """
+        from vipllava_jax.generate import generate
+
+        return generate(
+            self, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, streamer=streamer,
+        )
+
+    def generate_stream(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        """Yields new tokens `[B, n]` chunk by chunk (same arguments as `generate`)."""
+        from vipllava_jax.generate import generate_stream
+
+        yield from generate_stream(self, input_ids, pixel_values, attention_mask, **kwargs)
 
 
 @functools.partial(jax.jit, static_argnums=0)

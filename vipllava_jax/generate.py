@@ -1,0 +1,253 @@
+"""Generation: prefill once, then a `lax.while_loop` of cached decode steps, one compiled program.
+
+    prompt [B, T] (left-padded to a bucket) + images
+      --prefill--> KV cache [B, T + max_new, K, H] per layer, next-token logits
+      --while not all done and step < max_new--> pick a token (greedy or sampled), write it,
+        run the decoder on it alone against the cache (slot T + step), new logits
+
+Everything that changes per call (sampling knobs, EOS ids, seed) is an array, so calls with
+the same shapes reuse one compiled program. Prompt lengths are rounded up to a bucket for the
+same reason. The state of a generation is one dataclass (`DecodeState`), so streaming can run
+the same decode loop a few steps at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.llama import KVCache
+from vipllava_jax.modeling import check_inputs
+
+
+@struct.dataclass
+class SamplingParams:
+    """Arrays, not Python numbers, so that changing them never recompiles."""
+
+    do_sample: jax.Array  # bool []
+    temperature: jax.Array  # f32 []
+    top_k: jax.Array  # i32 [], 0 = off
+    top_p: jax.Array  # f32 [], 1.0 = off
+    eos_ids: jax.Array  # i32 [E] (-1 entries never match)
+    pad_id: jax.Array  # i32 []
+
+
+@struct.dataclass
+class DecodeState:
+    step: jax.Array  # i32 [], tokens generated so far
+    tokens: jax.Array  # i32 [B, N], the new tokens (pad after EOS)
+    done: jax.Array  # bool [B]
+    logits: jax.Array  # f32 [B, V], logits for the next token
+    positions: jax.Array  # i32 [B], RoPE position of the next token
+    kv_mask: jax.Array  # bool [B, S], cache slots holding real tokens
+    cache: KVCache
+    rng: jax.Array  # PRNG key
+
+
+def bucket_length(n: int) -> int:
+    """Prompt lengths share compiled programs: powers of two up to 256, then multiples of 128."""
+    if n <= 256:
+        return max(16, 1 << math.ceil(math.log2(max(n, 1))))
+    return 128 * math.ceil(n / 128)
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """transformers' warpers in their order: temperature, top-k, top-p (float32 logits)."""
+    logits = logits / temperature
+    v = logits.shape[-1]
+    # top-k: drop everything below the k-th largest (k == 0: keep all)
+    kth = jnp.sort(logits, axis=-1)[:, v - jnp.clip(top_k, 1, v)]  # [B]
+    logits = jnp.where((top_k > 0) & (logits < kth[:, None]), -jnp.inf, logits)
+    # top-p: drop the smallest tokens whose total probability is <= 1 - top_p (keep >= 1)
+    order = jnp.argsort(logits, axis=-1)  # ascending
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    drop_sorted = (cum <= 1 - top_p).at[:, -1].set(False)
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(drop_sorted)
+    return jnp.where(drop, -jnp.inf, logits)
+
+
+def pick_tokens(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.Array:
+    greedy = jnp.argmax(logits, axis=-1)
+    filtered = filter_logits(logits, jnp.maximum(p.temperature, 1e-6), p.top_k, p.top_p)
+    sampled = jax.random.categorical(rng, filtered, axis=-1)
+    return jnp.where(p.do_sample, sampled, greedy).astype(jnp.int32)
+
+
+# -- the two phases ----------------------------------------------------------------------------
+
+def prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens: int, rng, pad_id) -> DecodeState:
+    """Runs the vision tower once per image and the decoder once over the whole prompt."""
+    b, t = input_ids.shape
+    lm = model.language_model
+    embeds = model.embed(input_ids, pixel_values)  # [B, T, D]
+    mask = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # as transformers' generate
+    kv_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), bool)], axis=1)  # [B, S]
+    cache = lm.init_cache(b, t + max_new_tokens)
+    hidden, cache = lm.extend(embeds, positions, kv_mask, cache, jnp.int32(0))
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+    return DecodeState(
+        step=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+        done=jnp.zeros((b,), bool), logits=logits, positions=positions[:, -1] + 1,
+        kv_mask=kv_mask, cache=cache, rng=rng,
+    )
+
+
+def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> DecodeState:
+    """Generates until every row is done or `state.step == stop_at`."""
+    prompt_len = state.kv_mask.shape[1] - state.tokens.shape[1]
+
+    def cond(s: DecodeState):
+        return (s.step < stop_at) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        token = pick_tokens(s.logits, jax.random.fold_in(s.rng, s.step), params)
+        token = jnp.where(s.done, params.pad_id, token)  # [B]
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        done = s.done | jnp.any(token[:, None] == params.eos_ids[None, :], axis=-1)
+        slot = prompt_len + s.step
+        kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((token.shape[0], 1), bool), (0, slot))
+        embeds = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
+        hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
+        logits = model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32)
+        return s.replace(step=s.step + 1, tokens=tokens, done=done, logits=logits,
+                         positions=s.positions + 1, kv_mask=kv_mask, cache=cache)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# -- compiled entry points (split once, plain jax.jit) -----------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _generate(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+              sampling, rng):
+    model = nnx.merge(graphdef, params_state)
+    state = prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens, rng, sampling.pad_id)
+    return decode(model, state, sampling, max_new_tokens).tokens
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
+             pad_id):
+    return prefill(nnx.merge(graphdef, params_state), input_ids, pixel_values, attention_mask,
+                   max_new_tokens, rng, pad_id)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _decode(graphdef, params_state, state, sampling, stop_at):
+    return decode(nnx.merge(graphdef, params_state), state, sampling, stop_at)
+
+
+# -- the user-facing calls ---------------------------------------------------------------------
+
+def _eos_array(eos_token_id, default) -> np.ndarray:
+    eos = default if eos_token_id is None else eos_token_id
+    if eos is None:
+        eos = []
+    eos = [eos] if isinstance(eos, int) else list(eos)
+    # A fixed length (padded with -1) keeps one compiled program for 1..8 EOS ids.
+    width = max(8, len(eos))
+    return np.array(eos + [-1] * (width - len(eos)), np.int32)
+
+
+def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
+             temperature, top_k, top_p, eos_token_id, pad_token_id, seed):
+    """Checks everything before compiling; pads the prompt on the left to its bucket."""
+    ids = np.asarray(input_ids)
+    check_inputs(model.config, ids, pixel_values, attention_mask, None)
+    if max_new_tokens < 1:
+        raise VipLlavaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b, t = ids.shape
+    mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    limit = model.config.text_config.max_position_embeddings
+    longest = int(mask.sum(-1).max())
+    if longest + max_new_tokens > limit:
+        raise VipLlavaError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    if do_sample and not temperature > 0:
+        raise VipLlavaError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise VipLlavaError(f"top_p must be in (0, 1], got {top_p}")
+    bucket = bucket_length(t)
+    pad = bucket - t
+    ids_b = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id).astype(np.int32)
+    mask_b = np.pad(mask, ((0, 0), (pad, 0)))
+    sampling = SamplingParams(
+        do_sample=np.bool_(do_sample), temperature=np.float32(temperature),
+        top_k=np.int32(top_k or 0), top_p=np.float32(top_p),
+        eos_ids=_eos_array(eos_token_id, model.config.text_config.eos_token_id),
+        pad_id=np.int32(pad_token_id),
+    )
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    batch_sharding = _batch_sharding(model, b)
+    ids_b, mask_b = (jax.device_put(x, batch_sharding) for x in (ids_b, mask_b))
+    return ids, ids_b, pixels, mask_b, sampling, jax.random.key(seed)
+
+
+def _batch_sharding(model, batch: int):
+    """Inputs follow the parameters: on a mesh, split the batch over its data axes."""
+    from vipllava_jax.sharding import logical_to_spec
+
+    leaf = model.language_model.embed_tokens.embedding.value
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    spec = logical_to_spec(("batch", None), (batch, 1), mesh)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
+             do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+             pad_token_id=0, seed=0, streamer: Callable[[np.ndarray], None] | None = None):
+    """See `VipLlavaForConditionalGeneration.generate`."""
+    prompt, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
+                             do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+    if streamer is None:
+        graphdef, state = nnx.split(model)
+        tokens = np.asarray(_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
+    else:
+        chunks = list(_stream(model, *args, max_new_tokens))
+        for c in chunks:
+            streamer(c)
+        tokens = np.full((prompt.shape[0], max_new_tokens), pad_token_id, np.int32)
+        done = np.concatenate(chunks, axis=1) if chunks else tokens[:, :0]
+        tokens[:, : done.shape[1]] = done
+    return np.concatenate([prompt, tokens], axis=1)
+
+
+def generate_stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
+                    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                    pad_token_id=0, seed=0, chunk: int = 1) -> Iterator[np.ndarray]:
+    """Yields the new tokens `[B, n]` as they are produced, `chunk` decode steps at a time."""
+    _, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
+                        do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+    yield from _stream(model, *args, max_new_tokens, chunk=chunk)
+
+
+def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
+            chunk: int = 1) -> Iterator[np.ndarray]:
+    """Prefill, then the same decode loop `chunk` steps per call (the state is donated)."""
+    graphdef, params = nnx.split(model)
+    state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling.pad_id)
+    emitted = 0
+    while emitted < max_new_tokens:
+        stop = np.int32(min(emitted + chunk, max_new_tokens))
+        state = _decode(graphdef, params, state, sampling, stop)
+        step = int(state.step)
+        if step == emitted:  # every row is done
+            return
+        yield np.asarray(state.tokens[:, emitted:step])
+        emitted = step
