@@ -1,0 +1,530 @@
+"""Text + image preprocessing for VipLlava, equal to transformers' `LlavaProcessor`.
+
+`VipLlavaProcessor(text, images)` expands every `<image>` placeholder into `num_image_tokens`
+image tokens (one per projected image feature, so the model's shapes are static), tokenizes,
+pads on the LEFT (the generation convention) and preprocesses the images like
+`CLIPImageProcessor`'s PIL backend: RGB, resize the shortest edge (bicubic), center crop,
+scale by 1/255 and normalize with the CLIP mean and std. The image code is PIL + numpy only, so
+the pixels do not depend on torchvision (whose resize differs by up to 0.03 after normalizing)
+nor on the installed transformers version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import PIL.Image
+
+from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.errors import ConfigError, VipLlavaError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path]
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPImagePreprocessor:
+    """CLIP image preprocessing, step for step as transformers' PIL backend.
+
+    Attributes:
+        size: an int resizes the shortest edge to it (keeping the aspect ratio, the long edge
+            rounded down); a `(height, width)` pair resizes to exactly that.
+        crop_size: `(height, width)` of the center crop (zero-padded if the image is smaller).
+        pad_to_square: pad the image to a square filled with the mean colour before resizing,
+            as the original ViP-LLaVA code does (`expand2square`), so a center crop cannot cut
+            off a marker drawn near an edge. transformers' processor does not do this.
+    """
+
+    size: int | tuple[int, int] = 336
+    crop_size: tuple[int, int] = (336, 336)
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    rescale_factor: float = 1 / 255
+    resample: int = int(PIL.Image.Resampling.BICUBIC)
+    do_resize: bool = True
+    do_center_crop: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    pad_to_square: bool = False
+
+    @classmethod
+    def for_size(cls, image_size: int, **kw) -> CLIPImagePreprocessor:
+        """CLIP preprocessing for a vision tower that takes `image_size` square images."""
+        return cls(size=image_size, crop_size=(image_size, image_size), **kw)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **kw) -> CLIPImagePreprocessor:
+        """Reads a transformers image processor config (`preprocessor_config.json`, or the
+        `image_processor` entry of `processor_config.json`). Missing fields take
+        `CLIPImageProcessor`'s defaults."""
+        size = d.get("size", {"shortest_edge": 224})
+        if isinstance(size, dict):
+            if set(size) == {"shortest_edge"}:
+                size = size["shortest_edge"]
+            elif set(size) == {"height", "width"}:
+                size = (size["height"], size["width"])
+            else:
+                raise ConfigError(f"unsupported image processor size {size}")
+        crop = d.get("crop_size", {"height": 224, "width": 224})
+        crop = (crop, crop) if isinstance(crop, int) else (crop["height"], crop["width"])
+        return cls(
+            size=size,
+            crop_size=crop,
+            image_mean=tuple(d.get("image_mean", CLIP_MEAN)),
+            image_std=tuple(d.get("image_std", CLIP_STD)),
+            rescale_factor=d.get("rescale_factor", 1 / 255),
+            resample=int(d.get("resample", PIL.Image.Resampling.BICUBIC)),
+            do_resize=d.get("do_resize", True),
+            do_center_crop=d.get("do_center_crop", True),
+            do_rescale=d.get("do_rescale", True),
+            do_normalize=d.get("do_normalize", True),
+            **kw,
+        )
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """`(height, width)` of every output image, or None when it depends on the input."""
+        if self.do_center_crop:
+            return self.crop_size
+        if self.do_resize and not isinstance(self.size, int):
+            return tuple(self.size)
+        return None
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> np.ndarray:
+        """Preprocesses images into `pixel_values` [num_images, 3, H, W] float32.
+
+        Args:
+            images: one image or a list: PIL images, HWC (or HW) uint8 arrays, or file paths.
+        """
+        images = [images] if _is_single_image(images) else list(images)
+        if not images:
+            raise VipLlavaError("no images were given")
+        arrays = [self.preprocess(load_image(im)) for im in images]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) > 1:
+            raise VipLlavaError(f"preprocessed images differ in shape: {sorted(shapes)}")
+        return np.stack(arrays)
+
+    def preprocess(self, image: PIL.Image.Image) -> np.ndarray:
+        """One RGB PIL image -> [3, H, W] float32."""
+        if self.pad_to_square:
+            image = expand_to_square(image, tuple(int(m * 255) for m in self.image_mean))
+        if self.do_resize:
+            h, w = self._resized_hw(image.height, image.width)
+            image = image.resize((w, h), resample=PIL.Image.Resampling(self.resample))
+        x = np.asarray(image)  # [H, W, 3] uint8
+        if self.do_center_crop:
+            x = center_crop(x, self.crop_size)
+        # transformers rescales in float64 and casts to float32, then normalizes in float32.
+        if self.do_rescale:
+            x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        else:
+            x = x.astype(np.float32)
+        if self.do_normalize:
+            mean, std = (np.asarray(v, np.float32) for v in (self.image_mean, self.image_std))
+            x = (x - mean) / std
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+    def _resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        if not isinstance(self.size, int):
+            return tuple(self.size)
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.size * long / short)
+        return (new_long, self.size) if width <= height else (self.size, new_long)
+
+
+def load_image(image: ImageInput) -> PIL.Image.Image:
+    """A PIL image, HWC/HW uint8 array or file path -> an RGB PIL image.
+
+    Transparency is composited onto white, as transformers 5's `convert_to_rgb` does.
+    """
+    if isinstance(image, (str, Path)):
+        with PIL.Image.open(image) as f:
+            image = f.copy()
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+            image.ndim == 3 and image.shape[-1] not in (1, 3, 4)
+        ):
+            raise VipLlavaError(
+                f"expected an HWC uint8 image array with 1, 3 or 4 channels, got {image.dtype} "
+                f"of shape {image.shape}"
+            )
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        image = PIL.Image.fromarray(image)
+    elif not isinstance(image, PIL.Image.Image):
+        raise VipLlavaError(
+            f"expected a PIL image, numpy array or path, got {type(image).__name__}"
+        )
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def expand_to_square(image: PIL.Image.Image, fill: tuple[int, ...]) -> PIL.Image.Image:
+    """Pads `image` to a square of its longer side, centred, filled with `fill` (ViP-LLaVA's
+    `expand2square`)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = PIL.Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Center-crops an [H, W, C] array to `size`, zero-padding first where it is smaller
+    (transformers' `center_crop`)."""
+    h, w = x.shape[:2]
+    ch, cw = size
+    ph, pw = math.ceil(max(ch - h, 0) / 2), math.ceil(max(cw - w, 0) / 2)
+    if ph or pw:
+        padded = np.zeros((max(h, ch), max(w, cw), *x.shape[2:]), x.dtype)
+        padded[ph : ph + h, pw : pw + w] = x
+        x = padded
+    top, left = (h - ch) // 2 + ph, (w - cw) // 2 + pw
+    return x[top : top + ch, left : left + cw]
+
+
+def _is_single_image(images: Any) -> bool:
+    return isinstance(images, (PIL.Image.Image, np.ndarray, str, Path))
+
+
+def _flatten_images(images: Any) -> tuple[list[ImageInput], list[int] | None]:
+    """A flat image list, and per-prompt counts when given nested (one list per prompt)."""
+    if images is None:
+        return [], None
+    if _is_single_image(images):
+        return [images], None
+    images = list(images)
+    if images and all(isinstance(im, (list, tuple)) for im in images):
+        return [im for group in images for im in group], [len(group) for group in images]
+    return images, None
+
+
+class VipLlavaProcessor:
+    """Tokenizer + image preprocessing for VipLlava (a drop-in for transformers' LlavaProcessor).
+
+    Attributes:
+        tokenizer: the transformers tokenizer.
+        image_processor: the `CLIPImagePreprocessor`.
+        num_image_tokens: image tokens one `<image>` placeholder expands to.
+        image_token: the placeholder string; image_token_id its id.
+        pad_token_id: the id padding positions get.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        image_processor: CLIPImagePreprocessor | Any | None = None,
+        *,
+        num_image_tokens: int,
+        image_size: int | None = None,
+        image_token: str = "<image>",
+    ):
+        """Builds a processor from its parts (e.g. for a tiny test model without processor files).
+
+        Args:
+            tokenizer: a transformers tokenizer, or a folder to load one from.
+            image_processor: a `CLIPImagePreprocessor`, a transformers CLIP image processor
+                (its settings are copied), or None to use CLIP preprocessing at `image_size`.
+            num_image_tokens: image tokens per `<image>` (`VipLlavaConfig.num_image_tokens`).
+            image_size: the vision tower's input size; only used when image_processor is None.
+            image_token: the placeholder string; must be a single token of the tokenizer.
+
+        Raises:
+            VipLlavaError: the image token is not one token, or no image size is known.
+        """
+        if isinstance(tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if image_processor is None:
+            if image_size is None:
+                raise VipLlavaError("pass image_processor or image_size")
+            image_processor = CLIPImagePreprocessor.for_size(image_size)
+        elif not isinstance(image_processor, CLIPImagePreprocessor):
+            image_processor = CLIPImagePreprocessor.from_hf_dict(image_processor.to_dict())
+        if num_image_tokens < 1:
+            raise VipLlavaError(f"num_image_tokens must be positive, got {num_image_tokens}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_token = image_token
+        ids = tokenizer.encode(image_token, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            raise VipLlavaError(
+                f"image token {image_token!r} is not a single token of the tokenizer (ids {ids})"
+            )
+        self.image_token_id = ids[0]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        if self.pad_token_id == self.image_token_id:
+            raise VipLlavaError(f"the pad token id equals the image token id {self.image_token_id}")
+
+    @classmethod
+    def for_config(cls, tokenizer: Any, config: VipLlavaConfig, *, image_token: str = "<image>",
+                   **preprocessor_kw) -> VipLlavaProcessor:
+        """A processor for the model `config` describes: CLIP preprocessing at its image size and
+        `config.num_image_tokens` tokens per image.
+
+        Raises:
+            ConfigError: the tokenizer's image token id is not `config.image_token_index`.
+        """
+        image_processor = CLIPImagePreprocessor.for_size(
+            config.vision_config.image_size, **preprocessor_kw
+        )
+        proc = cls(
+            tokenizer, image_processor, num_image_tokens=config.num_image_tokens,
+            image_token=image_token,
+        )
+        proc._check_config(config)
+        return proc
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        num_image_tokens: int | None = None,
+        image_token: str | None = None,
+        pad_to_square: bool = False,
+    ) -> VipLlavaProcessor:
+        """Loads a folder holding a tokenizer and, optionally, processor files (as written by
+        `LlavaProcessor.save_pretrained`, old or new layout) and a VipLlava `config.json`.
+
+        The image token count is, in order: `num_image_tokens`, the model config's
+        `num_image_tokens`, the processor config's `image_seq_length`, or LlavaProcessor's rule
+        `(H // patch_size) * (W // patch_size) + num_additional_image_tokens` (minus 1 when
+        `vision_feature_select_strategy == "default"`).
+
+        Args:
+            path: the folder.
+            num_image_tokens: overrides the count found in the folder.
+            image_token: overrides the placeholder string (default: the processor config's, or
+                "<image>").
+            pad_to_square: pad images to squares first (see `CLIPImagePreprocessor`).
+
+        Raises:
+            ConfigError: nothing says how to preprocess images or how many tokens an image takes,
+                or the model config disagrees with the tokenizer on the image token id.
+        """
+        from transformers import AutoTokenizer
+
+        path = Path(path)
+        proc_cfg = _read_json(path / "processor_config.json") or {}
+        image_cfg = proc_cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
+        model_cfg = _read_json(path / "config.json") or {}
+        model_cfg = (
+            VipLlavaConfig.from_hf_dict(model_cfg)
+            if model_cfg.get("model_type") == "vipllava" else None
+        )
+
+        if image_cfg:
+            image_processor = CLIPImagePreprocessor.from_hf_dict(
+                image_cfg, pad_to_square=pad_to_square
+            )
+        elif model_cfg:
+            image_processor = CLIPImagePreprocessor.for_size(
+                model_cfg.vision_config.image_size, pad_to_square=pad_to_square
+            )
+        else:
+            raise ConfigError(f"{path} has no image processor config and no VipLlava config.json")
+
+        from_proc = _tokens_from_processor_config(proc_cfg, image_processor)
+        if num_image_tokens is None and model_cfg is not None:
+            num_image_tokens = model_cfg.num_image_tokens
+            if from_proc is not None and from_proc != num_image_tokens:
+                warnings.warn(
+                    f"{path}: the processor config gives {from_proc} image tokens but the model "
+                    f"takes {num_image_tokens}; using {num_image_tokens}", stacklevel=2,
+                )
+        num_image_tokens = num_image_tokens or from_proc
+        if num_image_tokens is None:
+            raise ConfigError(
+                f"{path}: cannot tell how many tokens an image takes; pass num_image_tokens"
+            )
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_token = (
+            image_token or proc_cfg.get("image_token")
+            or getattr(tokenizer, "image_token", None) or "<image>"
+        )
+        proc = cls(
+            tokenizer, image_processor, num_image_tokens=num_image_tokens, image_token=image_token
+        )
+        if model_cfg is not None:
+            proc._check_config(model_cfg)
+        return proc
+
+    def _check_config(self, config: VipLlavaConfig) -> None:
+        if config.image_token_index != self.image_token_id:
+            raise ConfigError(
+                f"the tokenizer maps {self.image_token!r} to {self.image_token_id} but the model's "
+                f"image_token_index is {config.image_token_index}"
+            )
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: ImageInput | Sequence[ImageInput] | Sequence[Sequence[ImageInput]] | None = None,
+        *,
+        padding: bool | str = True,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        padding_side: str = "left",
+        return_tensors: str | None = "np",
+    ) -> dict[str, Any]:
+        """Tokenizes prompts and preprocesses their images.
+
+        Args:
+            text: one prompt or a batch. Each `image_token` marks where the next image goes.
+            images: the images, in placeholder order over the whole batch: one image, a flat
+                list, or one list per prompt. PIL images, HWC uint8 arrays or file paths.
+            padding: True / "longest" pads to the longest prompt, "max_length" to `max_length`,
+                False pads nothing (all prompts must then have equal length, unless
+                `return_tensors` is None). Prompts are never truncated.
+            max_length: the length for `padding="max_length"`.
+            pad_to_multiple_of: round the padded length up to a multiple of this (fewer
+                distinct shapes, fewer recompilations).
+            padding_side: "left" (generation) or "right".
+            return_tensors: "np" for numpy arrays, None for python lists.
+
+        Returns:
+            A dict with `input_ids` [B, T] int64 and `attention_mask` [B, T] int64 when text is
+            given, and `pixel_values` [num_images, 3, H, W] float32 when images are given.
+
+        Raises:
+            VipLlavaError: placeholder and image counts differ, a prompt is longer than
+                `max_length`, or unpadded prompts of different lengths were asked for as arrays.
+        """
+        if text is None and images is None:
+            raise VipLlavaError("pass text, images or both")
+        if padding_side not in ("left", "right"):
+            raise VipLlavaError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if return_tensors not in ("np", None):
+            raise VipLlavaError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
+        flat_images, per_prompt = _flatten_images(images)
+        out: dict[str, Any] = {}
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            self._check_counts(texts, len(flat_images), per_prompt)
+            ids = self._tokenize(texts)
+            ids, mask = self._pad(ids, padding, max_length, pad_to_multiple_of, padding_side)
+            if return_tensors == "np":
+                if len({len(row) for row in ids}) > 1:
+                    raise VipLlavaError(
+                        "prompts have different lengths; pass padding=True or return_tensors=None"
+                    )
+                ids, mask = np.asarray(ids, np.int64), np.asarray(mask, np.int64)
+            out["input_ids"], out["attention_mask"] = ids, mask
+        if flat_images:
+            out["pixel_values"] = self.image_processor(flat_images)
+        return out
+
+    def _check_counts(
+        self, texts: list[str], num_images: int, per_prompt: list[int] | None
+    ) -> None:
+        counts = [t.count(self.image_token) for t in texts]
+        if sum(counts) != num_images:
+            raise VipLlavaError(
+                f"the text has {sum(counts)} {self.image_token} placeholder(s) but {num_images} "
+                f"image(s) were given"
+            )
+        if per_prompt is not None:
+            if len(per_prompt) != len(texts):
+                raise VipLlavaError(
+                    f"{len(per_prompt)} image lists were given for {len(texts)} prompts"
+                )
+            for i, (c, n) in enumerate(zip(counts, per_prompt)):
+                if c != n:
+                    raise VipLlavaError(
+                        f"prompt {i} has {c} {self.image_token} placeholder(s) but {n} "
+                        f"image(s) were given"
+                    )
+
+    def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        expanded = self.image_token * self.num_image_tokens
+        expanded = [t.replace(self.image_token, expanded) for t in texts]
+        ids = self.tokenizer(expanded, add_special_tokens=True)["input_ids"]
+        for t, row in zip(texts, ids):
+            want = t.count(self.image_token) * self.num_image_tokens
+            got = row.count(self.image_token_id)
+            if got != want:  # e.g. the token got merged with its neighbours
+                raise VipLlavaError(
+                    f"tokenizing gave {got} image tokens where {want} were expected"
+                )
+        return [list(row) for row in ids]
+
+    def _pad(self, ids, padding, max_length, multiple, side):
+        if padding in (True, "longest"):
+            target = max(len(row) for row in ids)
+        elif padding == "max_length":
+            if max_length is None:
+                raise VipLlavaError("padding='max_length' needs max_length")
+            target = max_length
+        elif padding in (False, "do_not_pad"):
+            return ids, [[1] * len(row) for row in ids]
+        else:
+            raise VipLlavaError(
+                f"padding must be True, False, 'longest' or 'max_length', got {padding!r}"
+            )
+        if max_length is not None and (longest := max(len(row) for row in ids)) > max_length:
+            raise VipLlavaError(f"a prompt has {longest} tokens, more than max_length={max_length}")
+        if multiple:
+            target = -(-target // multiple) * multiple
+        out_ids, out_mask = [], []
+        for row in ids:
+            pad = target - len(row)
+            ids_pad, mask_pad = [self.pad_token_id] * pad, [0] * pad
+            if side == "left":
+                out_ids.append(ids_pad + row)
+                out_mask.append(mask_pad + [1] * len(row))
+            else:
+                out_ids.append(row + ids_pad)
+                out_mask.append([1] * len(row) + mask_pad)
+        return out_ids, out_mask
+
+    def batch_decode(self, ids: Any, skip_special_tokens: bool = True, **kw) -> list[str]:
+        """Decodes a batch of token ids [B, T] (numpy, jax or lists) with the tokenizer."""
+        ids = np.asarray(ids).tolist()
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens, **kw)
+
+    def decode(self, ids: Any, skip_special_tokens: bool = True, **kw) -> str:
+        """Decodes one sequence of token ids [T] with the tokenizer."""
+        ids = np.asarray(ids).tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kw)
+
+
+def _read_json(file: Path) -> dict[str, Any] | None:
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{file} is not valid JSON: {e}") from None
+
+
+def _tokens_from_processor_config(
+    cfg: dict[str, Any], image_processor: CLIPImagePreprocessor
+) -> int | None:
+    """The image token count a LlavaProcessor with this config would expand `<image>` to."""
+    if cfg.get("image_seq_length"):
+        return int(cfg["image_seq_length"])
+    patch, hw = cfg.get("patch_size"), image_processor.output_size
+    if not patch or hw is None:
+        return None
+    n = (hw[0] // patch) * (hw[1] // patch) + cfg.get("num_additional_image_tokens", 0)
+    return n - 1 if cfg.get("vision_feature_select_strategy") == "default" else n
