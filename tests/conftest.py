@@ -169,3 +169,26 @@ def tiny_hf(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_hf")
     model.save_pretrained(path)
     return model, path
+
+
+def make_word_tokenizer(path, corpus):
+    """A word-level tokenizer over `corpus` (Llama-like: `<s>` prepended), with `<image>` at
+    IMAGE_TOKEN so that it fits the tiny models; saved with save_pretrained to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    trained = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    trained.pre_tokenizer = pre_tokenizers.Whitespace()
+    trained.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
+    vocab = trained.get_vocab()
+    assert max(vocab.values()) < IMAGE_TOKEN, "corpus too large for the tiny vocabulary"
+    tok = Tokenizer(models.WordLevel({**vocab, "<image>": IMAGE_TOKEN}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.save_pretrained(path)
+    return fast
