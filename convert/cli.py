@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             out = checkpoint.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
                                          max_shard_bytes=int(args.max_shard_size * 2**30),
                                          progress=True)
-    except VipLlavaError as e:
+    except (VipLlavaError, OSError) as e:  # OSError: unreadable SRC, unwritable DST, disk full
         print(f"vipllava-convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -48,7 +48,16 @@ def _open_bin(path: Path) -> TensorTable:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for corrupt or truncated zips
-        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {e})") from None
+        # torch's messages span several lines; keep the line that names the cause.
+        msg = " ".join(str(e).split())
+        if "WeightsUnpickler error:" in msg:
+            msg = msg.split("WeightsUnpickler error:")[1].split(". Please")[0].strip()
+        raise CheckpointError(f"{path}: cannot read PyTorch checkpoint ({type(e).__name__}: {msg})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a state dict (a pickled {type(state).__name__})")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {k} is not a tensor ({type(v).__name__})")
     return {k: (tuple(v.shape), lambda v=v: _torch_to_numpy(v)) for k, v in state.items()}
 
 

@@ -47,6 +47,8 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise CheckpointError(f"{self.path}: corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         self.data_start = 8 + n
         self.metadata = header.pop("__metadata__", None) or {}
         self.entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
