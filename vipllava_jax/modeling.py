@@ -58,14 +58,17 @@ def merge_image_features(
     """Puts the k-th image feature at the k-th image-token position (row-major over the batch).
 
     Static shapes: a cumulative count turns each image-token position into its feature's index.
-    The counts must already agree (checked by `check_inputs` before tracing).
+    `check_inputs` rejects a count mismatch on concrete inputs; under a caller's trace it
+    cannot, so a mismatch there turns the embeddings into NaN (a NaN loss), never a silent fix.
     """
     b, t, d = inputs_embeds.shape
     is_image = input_ids == image_token  # [B, T]
     index = jnp.cumsum(is_image.reshape(-1)) - 1  # [B*T]
     features = image_features.reshape(-1, d).astype(inputs_embeds.dtype)  # [B_img*N, D]
     gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(b, t, d)
-    return jnp.where(is_image[..., None], gathered, inputs_embeds)
+    merged = jnp.where(is_image[..., None], gathered, inputs_embeds)
+    counts_agree = jnp.sum(is_image) == features.shape[0]
+    return jnp.where(counts_agree, merged, jnp.nan)
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
