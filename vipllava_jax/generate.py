@@ -77,10 +77,12 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 
 def pick_tokens(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.Array:
-    greedy = jnp.argmax(logits, axis=-1)
-    filtered = filter_logits(logits, jnp.maximum(p.temperature, 1e-6), p.top_k, p.top_p)
-    sampled = jax.random.categorical(rng, filtered, axis=-1)
-    return jnp.where(p.do_sample, sampled, greedy).astype(jnp.int32)
+    def sample():
+        filtered = filter_logits(logits, jnp.maximum(p.temperature, 1e-6), p.top_k, p.top_p)
+        return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+    # A cond, not a select: greedy decoding skips the vocabulary sorts of the filters.
+    return jax.lax.cond(p.do_sample, sample, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
 # -- the two phases ----------------------------------------------------------------------------
