@@ -126,3 +126,25 @@ def attention(
     sees_any = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
     return jnp.where(sees_any, out, 0).astype(out.dtype)
 
+
+
+def cached_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float
+) -> jax.Array:
+    """Attention over a KV cache stored heads-major: q `[B, T, N, H]`, k/v `[B, K, S, H]`.
+
+    The cache layout makes both einsums batched matmuls over (B, K) with no transpose of the
+    cache; `jax.nn.dot_product_attention` wants `[B, S, K, H]` and would relayout the whole
+    cache at every decode step. Same semantics as `attention` (float32 softmax, zeros for a
+    query that sees no key).
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    visible = mask[:, :, None]  # [B, 1, 1, T, S]
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jnp.where(jnp.any(visible, axis=-1, keepdims=True), probs, 0).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", probs, v)  # [B, T, K, G, H]
+    return out.reshape(b, t, n, h)

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipllava_jax.config import TextConfig
-from vipllava_jax.layers import DType, RMSNorm, activation, apply_rope, attention, linear, rope_cos_sin
+from vipllava_jax.layers import (
+    DType, RMSNorm, activation, apply_rope, attention, cached_attention, linear, rope_cos_sin,
+)
 
-# One (keys, values) pair per layer, each [B, S, K, H], S = the cache length.
+# One (keys, values) pair per layer, each [B, K, S, H] (heads-major), S = the cache length.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -55,19 +57,23 @@ class LlamaAttention(nnx.Module):
         self.o_proj = linear(self.num_heads * h, d, ("heads", "embed"), **kw)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x `[B, T, D]`; with `kv` (cache `[B, S, K, H]` x 2), this chunk's keys and values
+        """x `[B, T, D]`; with `kv` (cache `[B, K, S, H]` x 2), this chunk's keys and values
         are written at slot `index` and attention runs over the whole cache."""
         b, t, _ = x.shape
+        scale = self.head_dim**-0.5
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if kv is not None:
-            at = (0, index, 0, 0)
-            kv = (jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), at),
-                  jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), at))
-            k, v = kv  # [B, S, K, H]
-        out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, T, N, H]
+        if kv is None:
+            out = attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
+        else:
+            at = (0, 0, index, 0)
+            kv = tuple(
+                jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), at)
+                for c, new in zip(kv, (k, v))
+            )  # [B, K, S, H] each
+            out = cached_attention(q, *kv, mask=mask, scale=scale)  # [B, T, N, H]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
 
@@ -132,7 +138,7 @@ class LlamaModel(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         cfg = self.config
-        shape = (batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers)
 
     def extend(
@@ -145,7 +151,7 @@ class LlamaModel(nnx.Module):
         Returns the chunk's final hidden states and the updated cache.
         """
         b, t, _ = inputs_embeds.shape
-        s = cache[0][0].shape[1]
+        s = cache[0][0].shape[2]
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
         mask = decoder_mask(kv_mask, q_slots, k_slots, self.config.sliding_window)
