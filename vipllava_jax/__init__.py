@@ -3,6 +3,8 @@
 from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
 from vipllava_jax.errors import CheckpointError, ConfigError, VipLlavaError
 from vipllava_jax.modeling import VipLlavaForConditionalGeneration, VipLlavaOutput
+from vipllava_jax.processor import VipLlavaProcessor
+from vipllava_jax.prompts import build_prompt
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
 
 __all__ = [
@@ -15,5 +17,7 @@ __all__ = [
     "VipLlavaError",
     "VipLlavaForConditionalGeneration",
     "VipLlavaOutput",
+    "VipLlavaProcessor",
+    "build_prompt",
     "make_mesh",
 ]

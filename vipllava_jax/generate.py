@@ -52,10 +52,11 @@ class DecodeState:
 
 
 def bucket_length(n: int) -> int:
-    """Prompt lengths share compiled programs: powers of two up to 256, then multiples of 128."""
+    """Prompt lengths share compiled programs: powers of two up to 256, then multiples of 64
+    (an image prompt is >= 577 tokens: coarser buckets would waste prefill compute)."""
     if n <= 256:
         return max(16, 1 << math.ceil(math.log2(max(n, 1))))
-    return 128 * math.ceil(n / 128)
+    return 64 * math.ceil(n / 64)
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -119,9 +120,15 @@ def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> Decode
         done = s.done | jnp.any(token[:, None] == params.eos_ids[None, :], axis=-1)
         slot = prompt_len + s.step
         kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((token.shape[0], 1), bool), (0, slot))
-        embeds = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
-        hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
-        logits = model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32)
+
+        def forward():  # the logits for the token after this one
+            embeds = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
+            hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
+            return model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32), cache
+
+        # The last token of a generation needs no forward pass of its own.
+        more = (s.step + 1 < s.tokens.shape[1]) & ~jnp.all(done)
+        logits, cache = jax.lax.cond(more, forward, lambda: (s.logits, s.cache))
         return s.replace(step=s.step + 1, tokens=tokens, done=done, logits=logits,
                          positions=s.positions + 1, kv_mask=kv_mask, cache=cache)
 
