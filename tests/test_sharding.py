@@ -36,7 +36,7 @@ def test_sharded_restore_matches_reference(converted, axes):
     hf, path = converted
     mesh = make_mesh(axes)
     model = VipLlavaForConditionalGeneration.from_pretrained(path, mesh=mesh)
-    q = model.language_model.layers[0].self_attn.q_proj.kernel.value  # [embed, heads]
+    q = model.language_model.layers[0].self_attn.q_proj.kernel.get_value()  # [embed, heads]
     assert q.sharding.mesh.shape == mesh.shape
     expected = logical_to_spec(("embed", "heads"), q.shape, mesh)
     assert q.sharding.spec == expected

@@ -40,9 +40,9 @@ class CLIPEmbeddings(nnx.Module):
         x = self.patch_embedding(x)  # [B, H/p, W/p, D]
         b, _, _, d = x.shape
         x = x.reshape(b, -1, d)  # [B, N, D], row-major patches as in transformers
-        cls = jnp.broadcast_to(self.class_embedding.value.astype(self.dtype), (b, 1, d))
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (b, 1, d))
         x = jnp.concatenate([cls, x], axis=1)  # [B, N+1, D]
-        return x + self.position_embedding.embedding.value.astype(self.dtype)[None]
+        return x + self.position_embedding.embedding[...].astype(self.dtype)[None]
 
 
 class CLIPAttention(nnx.Module):

@@ -25,6 +25,7 @@ from flax import nnx, struct
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.llama import KVCache
 from vipllava_jax.modeling import check_inputs
+from vipllava_jax.sharding import logical_to_spec
 
 
 @struct.dataclass
@@ -207,9 +208,7 @@ def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_
 
 def _batch_sharding(model, batch: int):
     """Inputs follow the parameters: on a mesh, split the batch over its data axes."""
-    from vipllava_jax.sharding import logical_to_spec
-
-    leaf = model.language_model.embed_tokens.embedding.value
+    leaf = model.language_model.embed_tokens.embedding.get_value()
     sharding = getattr(leaf, "sharding", None)
     if not isinstance(sharding, jax.sharding.NamedSharding):
         return None

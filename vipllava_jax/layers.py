@@ -74,7 +74,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -89,7 +89,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return self.scale.value.astype(self.dtype) * y.astype(self.dtype)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
 
 
 def rope_cos_sin(

@@ -185,7 +185,7 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         if self.lm_head is None:
-            table = self.language_model.embed_tokens.embedding.value.astype(self.dtype)
+            table = self.language_model.embed_tokens.embedding[...].astype(self.dtype)
             return jnp.einsum("btd,vd->btv", hidden, table)
         return self.lm_head(hidden)
 

@@ -61,8 +61,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> n
     """A NamedSharding for every Variable of an (abstract) NNX state, from its `out_sharding`."""
 
     def one(var):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.value.shape)
-        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.value.shape, mesh, rules)))
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape)
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.get_value().shape, mesh, rules)))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

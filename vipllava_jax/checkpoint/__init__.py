@@ -47,9 +47,9 @@ def is_orbax_folder(path: str | Path) -> bool:
 
 # -- flat path dicts <-> nested trees ---------------------------------------------------------
 
-def flat_state(state: nnx.State) -> dict[str, tuple]:
-    """Our dotted parameter path -> the path tuple in the NNX state."""
-    return {".".join(map(str, p)): tuple(p) for p, _ in nnx.to_flat_state(state)}
+def flat_state(state: nnx.State) -> dict[str, tuple[tuple, nnx.Variable]]:
+    """Our dotted parameter path -> (its path in the NNX state, its Variable)."""
+    return {".".join(map(str, p)): (tuple(p), v) for p, v in nnx.to_flat_state(state)}
 
 
 def nest(flat: dict[str, object]) -> dict:
@@ -157,16 +157,15 @@ def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules
     config = VipLlavaConfig.from_pretrained(path)
     param_dtype = jnp.dtype(param_dtype or dtype)
     graphdef, state = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
-    paths = flat_state(state)
+    flat = flat_state(state)
     if mesh is not None:
         shard_state = state_shardings(state, mesh, rules or LOGICAL_AXIS_RULES)
-        by_path = {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(shard_state)}
+        shardings = {k: v.get_value() for k, (_, v) in flat_state(shard_state).items()}
     else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        by_path = dict.fromkeys(paths, device)
+        shardings = dict.fromkeys(flat, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     target = {
-        k: jax.ShapeDtypeStruct(v.value.shape, param_dtype, sharding=by_path[k])
-        for k, v in ((".".join(map(str, p)), v) for p, v in nnx.to_flat_state(state))
+        k: jax.ShapeDtypeStruct(v.get_value().shape, param_dtype, sharding=shardings[k])
+        for k, (_, v) in flat.items()
     }
     if is_orbax_folder(path):
         arrays = restore_params(path / PARAMS_DIR, target)
@@ -175,19 +174,13 @@ def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules
             path, target, tied_head=config.text_config.tie_word_embeddings,
             convert=lambda k, a: jax.device_put(np.asarray(a, param_dtype), target[k].sharding),
         )
-    pure = state.to_pure_dict()
-    for name, array in arrays.items():
-        node = pure
-        *parents, leaf = paths[name]
-        for p in parents:
-            node = node[p]
-        node[leaf] = array
-    nnx.replace_by_pure_dict(state, pure)
+    state = nnx.from_flat_state([(p, v.replace(arrays[k])) for k, (p, v) in flat.items()])
     return nnx.merge(graphdef, state)
 
 
 def model_params(model: nnx.Module) -> dict[str, jax.Array]:
-    return {".".join(map(str, p)): v.value for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """Our dotted parameter path -> the parameter's array."""
+    return {k: v.get_value() for k, (_, v) in flat_state(nnx.state(model, nnx.Param)).items()}
 
 
 def _write_orbax_folder(tmp: Path, params: dict, config: VipLlavaConfig, dtype: str) -> None:
@@ -223,7 +216,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Pat
     dtype = normalize_dtype(dtype or config.dtype)
     _, state = nnx.split(Model.abstract(config, param_dtype=dtype))
     expected = {
-        ".".join(map(str, p)): jax.ShapeDtypeStruct(v.value.shape, dtype) for p, v in nnx.to_flat_state(state)
+        k: jax.ShapeDtypeStruct(v.get_value().shape, dtype) for k, (_, v) in flat_state(state).items()
     }
     with atomic_output(dst, overwrite=overwrite) as tmp:
         # Each tensor goes straight to a jax array in the target dtype (one copy of the model).
