@@ -1,0 +1,31 @@
+"""Training: the mesh, the sharded train state and the jitted train step."""
+
+from vipllava_jax.training.mesh import (
+    MESH_AXES, batch_sharding, data_parallel_size, data_sharding, mesh_from_spec, parse_mesh_spec,
+    shard_batch,
+)
+from vipllava_jax.training.step import (
+    REMAT_POLICIES, STAGES, TrainConfig, TrainState, init_train_state, learning_rate_schedule,
+    loss_and_grads, make_optimizer, make_train_step, merge_model, token_nll,
+)
+
+__all__ = [
+    "MESH_AXES",
+    "REMAT_POLICIES",
+    "STAGES",
+    "TrainConfig",
+    "TrainState",
+    "batch_sharding",
+    "data_parallel_size",
+    "data_sharding",
+    "init_train_state",
+    "learning_rate_schedule",
+    "loss_and_grads",
+    "make_optimizer",
+    "make_train_step",
+    "merge_model",
+    "mesh_from_spec",
+    "parse_mesh_spec",
+    "shard_batch",
+    "token_nll",
+]

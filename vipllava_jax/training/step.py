@@ -1,0 +1,354 @@
+"""One training step: sharded params, micro-batch accumulation, AdamW on the trainable part.
+
+The model is split once into a graph definition and two plain nested dicts of arrays:
+
+    params   the trainable parameters (stage "projector": the projector; stage "full": the
+             projector, the decoder and lm_head); the optimizer sees only these
+    frozen   the rest (always the vision tower); no gradients, no optimizer state
+
+and the step is a pure function of those dicts, jitted with explicit shardings:
+
+    batch [B, ...] --split into grad_accum strided micro-batches--> [A, B/A, ...]
+      lax.scan over micro-batches: grads of the *summed* token loss, added up
+      / (number of counted tokens in the whole batch)     -> mean-token loss and its gradient
+      clip_by_global_norm -> AdamW (warmup + cosine lr)   -> new params
+
+Dividing by the global token count once, at the end, makes the loss and the gradients the
+same for any device count and any number of micro-batches (up to float summation order).
+
+Batches are dicts of arrays: `input_ids`, `labels`, `attention_mask` [B, T] and optionally
+`pixel_values` [B*k, 3, H, W] (k images per row, the same for every row) and `position_ids`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vipllava_jax.modeling import IGNORE_INDEX
+from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
+from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
+
+Batch = dict[str, jax.Array]
+Params = dict[str, Any]  # nested dicts of arrays, keyed like the model's attributes
+
+# Which top-level submodules each stage trains; the vision tower is never trained.
+STAGES: dict[str, tuple[str, ...]] = {
+    "projector": ("multi_modal_projector",),
+    "full": ("multi_modal_projector", "language_model", "lm_head"),
+}
+
+# Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and step settings.
+
+    Attributes:
+      learning_rate: peak learning rate, reached after `warmup_steps` (linear from 0), then
+        cosine decay to 0 at `total_steps`.
+      weight_decay: AdamW decoupled weight decay, applied to matrices only (kernels and
+        embeddings), not to biases and norm scales (as transformers' Trainer).
+      max_grad_norm: gradients are clipped to this global norm before AdamW.
+      grad_accum: micro-batches per step; the global batch size must be a multiple.
+      stage: "projector" (stage 1: projector only) or "full" (stage 2: projector, decoder
+        and lm_head). The vision tower is frozen in both.
+      remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
+        in the backward pass (`REMAT_POLICIES`).
+    """
+
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    stage: str = "full"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps <= total_steps, got {self.warmup_steps}, {self.total_steps}"
+            )
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step reads and rewrites (donated to the step)."""
+
+    step: jax.Array  # int32 scalar: steps taken so far
+    params: Params  # trainable
+    frozen: Params  # never updated
+    opt_state: optax.OptState  # AdamW moments shaped (and sharded) like `params`
+
+
+# -- optimizer ---------------------------------------------------------------------------------
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Step -> learning rate: linear warmup from 0, then cosine decay to 0 at total_steps."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
+        decay_steps=max(config.total_steps, 1), end_value=0.0,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW with the warmup + cosine schedule (trainable params only)."""
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adamw(
+            learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
+            weight_decay=config.weight_decay, mask=_decay_mask,
+        ),
+    )
+
+
+def _decay_mask(params: Params) -> Params:
+    """Weight decay on matrices (kernels, embeddings) only, not on biases and norm scales."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+# -- train state -------------------------------------------------------------------------------
+
+def trainable_filter(stage: str) -> nnx.filterlib.Filter:
+    """The NNX filter of the parameters `stage` trains (see `STAGES`)."""
+    roots = STAGES[stage]
+    return nnx.All(nnx.Param, lambda path, _: str(path[0]) in roots)
+
+
+def init_train_state(
+    model: nnx.Module, config: TrainConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """Splits `model` and places its parameters and a fresh optimizer state on `mesh`.
+
+    Parameters are sharded by the logical-axis rules; the AdamW moments take the sharding
+    of the parameter they belong to (`optax.tree_map_params`), scalars are replicated.
+    The state may reuse the model's arrays, and the step donates the state: after the first
+    step use `merge_model(graphdef, state)`, not `model`.
+
+    Returns:
+      (graphdef, state, shardings): `shardings` is a TrainState of NamedShardings, the
+      in/out shardings for `make_train_step`.
+    """
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.stage), ...)
+    param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
+    frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
+    params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
+    frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
+
+    opt = make_optimizer(config)
+    opt_sh = optax.tree_map_params(
+        opt, lambda _, sharding: sharding, jax.eval_shape(opt.init, params), param_sh,
+        transform_non_params=lambda _: replicated(mesh),
+    )
+    opt_state = jax.jit(opt.init, out_shardings=opt_sh)(params)
+    shardings = TrainState(step=replicated(mesh), params=param_sh, frozen=frozen_sh, opt_state=opt_sh)
+    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
+    return graphdef, TrainState(step, params, frozen, opt_state), shardings
+
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+    """The model with the state's current parameters (for evaluation or saving)."""
+    return nnx.merge(graphdef, state.params, state.frozen)
+
+
+# -- loss and gradients ------------------------------------------------------------------------
+
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood and the number of tokens counted.
+
+    Position t predicts labels[t+1]; labels equal to -100 are not counted. Float32.
+
+    Args:
+      logits: `[B, T, V]`, any float dtype.
+      labels: int `[B, T]`.
+    Returns:
+      (sum of -log p over counted tokens, count), float32 scalars.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
+    targets = labels[:, 1:]  # [B, T-1]
+    counted = targets != IGNORE_INDEX
+    safe = jnp.where(counted, targets, 0)
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # [B, T-1]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T-1]
+    return jnp.sum(jnp.where(counted, nll, 0.0)), jnp.sum(counted).astype(jnp.float32)
+
+
+class _Remat(nnx.Module):
+    """A decoder layer whose activations are recomputed in the backward pass."""
+
+    def __init__(self, layer: nnx.Module, policy: Callable[..., bool]):
+        self.layer = layer
+        self.policy = policy
+
+    def __call__(self, *args):
+        return nnx.remat(lambda layer, *a: layer(*a), policy=self.policy)(self.layer, *args)
+
+
+def _remat_decoder_layers(model: nnx.Module, remat: str) -> None:
+    """Wraps each decoder layer of `model` (a throwaway copy merged inside the trace) in
+    `jax.checkpoint` with the named policy, so the decoder's own forward runs unchanged.
+
+    Per layer, not around the whole loss: checkpointing the whole loss would recompute the
+    forward in one piece before the backward and keep every activation again (no saving).
+    The vision tower needs none: it is frozen, so no activation of it is kept for the backward.
+    """
+    if remat == "none":
+        return
+    lm = model.language_model
+    lm.layers = nnx.List([_Remat(layer, REMAT_POLICIES[remat]) for layer in lm.layers])
+
+
+def _micro_batches(batch: Batch, grad_accum: int) -> Batch:
+    """`[B, ...]` -> `[A, B/A, ...]`, micro-batch j taking rows j, j+A, j+2A, ...
+
+    Strided rather than contiguous: with the batch sharded over the data axes in contiguous
+    blocks, every device then holds its share of every micro-batch (no resharding, as long as
+    the data axes divide B/A). Image arrays `[B*k, ...]` follow their rows (k images each).
+    """
+    b = batch["input_ids"].shape[0]
+    if b % grad_accum:
+        raise ValueError(f"batch size {b} is not a multiple of grad_accum={grad_accum}")
+
+    def split(name, x):
+        if x.shape[0] % b:
+            raise ValueError(f"{name} has {x.shape[0]} rows, not a multiple of the batch size {b}")
+        k = x.shape[0] // b  # rows of x per batch row (images per row for pixel_values)
+        x = x.reshape(b // grad_accum, grad_accum, k, *x.shape[1:])  # [B/A, A, k, ...]
+        return x.swapaxes(0, 1).reshape(grad_accum, (b // grad_accum) * k, *x.shape[3:])
+
+    return {name: split(name, x) for name, x in batch.items()}
+
+
+def loss_and_grads(
+    graphdef: nnx.GraphDef,
+    params: Params,
+    frozen: Params,
+    batch: Batch,
+    *,
+    grad_accum: int = 1,
+    remat: str = "none",
+    mesh: Mesh | None = None,
+    param_shardings: Params | None = None,
+) -> tuple[jax.Array, Params, jax.Array]:
+    """Mean-token loss over the whole batch and its gradient w.r.t. `params` (traceable).
+
+    Args:
+      graphdef, params, frozen: the model, split as by `init_train_state`.
+      batch: the global batch (see the module docstring).
+      grad_accum: run the batch as this many micro-batches (`lax.scan`): same result,
+        1/grad_accum of the activation memory.
+      remat: a `REMAT_POLICIES` name.
+      mesh, param_shardings: if given, micro-batches stay sharded over the data axes and the
+        gradient accumulator like the params (sharding constraints; the values are unchanged).
+    Returns:
+      (loss, grads, tokens): float32 scalars and a tree like `params`.
+    """
+    def summed_loss(params, mb):
+        model = nnx.merge(graphdef, params, frozen)
+        _remat_decoder_layers(model, remat)
+        out = model.forward(
+            mb["input_ids"], mb.get("pixel_values"), mb.get("attention_mask"), mb.get("position_ids")
+        )
+        return token_nll(out.logits, mb["labels"])  # (sum, count)
+
+    grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
+
+    def constrain(grads):
+        if param_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    if grad_accum == 1:  # no scan: a smaller program, same values
+        (nll_sum, count), grad_sum = grad_fn(params, batch)
+    else:
+        micro = _micro_batches(batch, grad_accum)  # [A, B/A, ...] each
+        if mesh is not None:  # the micro-batch dimension stays over the data axes
+            micro = {
+                k: jax.lax.with_sharding_constraint(
+                    x, NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, x.shape[1:]).spec))
+                )
+                for k, x in micro.items()
+            }
+
+        def body(carry, mb):
+            grad_sum, nll_sum, count = carry
+            (nll, n), grads = grad_fn(params, mb)
+            grad_sum = constrain(jax.tree.map(jnp.add, grad_sum, grads))
+            return (grad_sum, nll_sum + nll, count + n), None
+
+        zeros = constrain(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grad_sum, nll_sum, count), _ = jax.lax.scan(body, init, micro)
+    denom = jnp.maximum(count, 1.0)  # a batch without counted tokens: loss and grads 0
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grad_sum, params)
+    return nll_sum / denom, grads, count
+
+
+# -- the step ----------------------------------------------------------------------------------
+
+def make_train_step(
+    graphdef: nnx.GraphDef, config: TrainConfig, mesh: Mesh, shardings: TrainState
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The jitted step `(state, batch) -> (new_state, metrics)`.
+
+    Args:
+      graphdef, shardings: from `init_train_state`; the state goes in and comes out with
+        `shardings`, and is donated (the old state's buffers are reused).
+      config: the same TrainConfig the state was made with.
+      mesh: the mesh of `shardings`.
+
+    The batch goes in split over the data axes (`data_sharding(mesh)`; place it with
+    `shard_batch`): its size must be a multiple of `data_parallel_size(mesh)` and of
+    `grad_accum` (best of their product: each micro-batch then stays split over all devices).
+    Metrics come back replicated: `loss` (mean over the counted tokens of the whole batch),
+    `grad_norm` (before clipping), `learning_rate` (used for this step), `tokens` (counted).
+    """
+    opt = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+
+    def train_step(state: TrainState, batch: Batch):
+        loss, grads, tokens = loss_and_grads(
+            graphdef, state.params, state.frozen, batch, grad_accum=config.grad_accum,
+            remat=config.remat, mesh=mesh, param_shardings=shardings.params,
+        )
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.global_norm(grads),
+            "learning_rate": schedule(state.step),
+            "tokens": tokens,
+        }
+        new_state = TrainState(step=state.step + 1, params=params, frozen=state.frozen, opt_state=opt_state)
+        return new_state, metrics
+
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, data_sharding(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
