@@ -231,14 +231,23 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Pat
 
 
 def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progress=False) -> Path:
-    """Converts an Orbax folder back to a folder transformers loads."""
+    """Converts an Orbax folder, or a training run's output folder (its latest complete
+    checkpoint), back to a folder transformers loads."""
     src, dst = Path(src), Path(dst)
-    if not is_orbax_folder(src):
-        raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER})")
+    is_training_run = (src / "run_config.json").is_file()
+    if not is_orbax_folder(src) and not is_training_run:
+        raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")
     config = VipLlavaConfig.from_pretrained(src)
-    from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
+    if is_training_run:
+        from vipllava_jax.training.loop import load_trained_model
 
-    model = Model.from_pretrained(src, dtype=config.dtype)
+        model = load_trained_model(src)
+        config = VipLlavaConfig(**{**config.__dict__, "dtype": normalize_dtype(
+            next(iter(model_params(model).values())).dtype)})
+    else:
+        from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
+
+        model = Model.from_pretrained(src, dtype=config.dtype)
     with atomic_output(dst, overwrite=overwrite) as tmp:
         write_hf_params(model_params(model), tmp, max_shard_bytes=max_shard_bytes, progress=progress)
         config.save_pretrained(tmp)

@@ -1,0 +1,105 @@
+"""The training run end to end: overfit, export to transformers, exact resume, NaN stop."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from conftest import make_hf_model, make_word_tokenizer
+from vipllava_jax.checkpoint import hf_to_orbax, orbax_to_hf
+from vipllava_jax.prompts import build_prompt
+from vipllava_jax.training.loop import RunConfig, TrainingError, load_trained_model, train
+
+QUESTIONS = ["What is inside the red rectangle ?", "What does the arrow point at ?"]
+ANSWERS = ["a cat on a chair", "a dog near the door", "the red car", "two small birds"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A converted tiny model with a tokenizer, and 8 LLaVA-format records with images."""
+    root = tmp_path_factory.mktemp("train")
+    hf = make_hf_model(seed=1)
+    hf.save_pretrained(root / "hf")
+    make_word_tokenizer(root / "hf", [build_prompt(q) for q in QUESTIONS] + ANSWERS + ["###"])
+    hf_to_orbax(root / "hf", root / "model")
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir()
+    with open(root / "data.jsonl", "w") as f:
+        for i in range(8):
+            PIL.Image.fromarray(rng.integers(0, 256, (28, 28, 3), np.uint8)).save(root / "images" / f"{i}.png")
+            record = {"id": str(i), "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\n" + QUESTIONS[i % 2]},
+                {"from": "gpt", "value": ANSWERS[i % 2]},  # determined by the question
+            ]}
+            f.write(json.dumps(record) + "\n")
+    return root
+
+
+def run_config(root, out, **kw):
+    train_kw = kw.pop("train", {})
+    return RunConfig.from_dict(dict(
+        model=str(root / "model"), data=str(root / "data.jsonl"), image_folder=str(root / "images"),
+        output_dir=str(out), mesh="data=-1", batch_size=8, max_length=64, dtype="float32",
+        num_workers=2, **kw,
+        train=dict(**{"learning_rate": 3e-3, "warmup_steps": 2, **train_kw}),
+    ))
+
+
+def test_tiny_model_overfits_and_exports_to_transformers(workspace, tmp_path):
+    from transformers import VipLlavaForConditionalGeneration
+
+    history = train(run_config(workspace, tmp_path / "run", steps=25, save_every=25,
+                               train=dict(learning_rate=1e-2)), progress=False)
+    losses = [m["loss"] for m in history]
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 25
+
+    orbax_to_hf(tmp_path / "run", tmp_path / "hf_out")
+    ref, info = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "hf_out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    trained = load_trained_model(tmp_path / "run")
+    ids = np.array([[1] + [100] * 4 + [5, 6, 7, 8]])
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref.eval()(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(trained(ids, pixels).logits), expected, atol=1e-4)
+
+
+def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(workspace, tmp_path):
+    full = train(run_config(workspace, tmp_path / "a", steps=6, save_every=2), progress=False)
+    first = train(run_config(workspace, tmp_path / "b", steps=6, save_every=2, stop_after=3), progress=False)
+    assert [m["step"] for m in first] == [1, 2, 3]
+    # step 3 was never saved: the resumed run starts again after step 2
+    rest = train(run_config(workspace, tmp_path / "b", steps=6, save_every=2), progress=False)
+    assert [m["step"] for m in rest] == [3, 4, 5, 6]
+    assert [m["loss"] for m in rest] == [m["loss"] for m in full[2:]]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
+    cfg = run_config(workspace, tmp_path / "nan", steps=6, save_every=1,
+                     train=dict(max_grad_norm=1e30))
+    cfg = RunConfig.from_dict({**json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)),
+                               "train": {**cfg.train.__dict__, "learning_rate": 1e30}})
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+); .* last good checkpoint is step"):
+        train(cfg, progress=False)
+    saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved, "the steps before the non-finite loss were saved"
+
+
+def test_command_reads_a_toml_config_with_overrides(workspace, tmp_path, capsys):
+    from vipllava_jax.train.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "{workspace / "model"}"\ndata = "{workspace / "data.jsonl"}"\n'
+        f'image_folder = "{workspace / "images"}"\noutput_dir = "{tmp_path / "cli"}"\n'
+        'mesh = "data=-1"\nbatch_size = 8\nmax_length = 64\ndtype = "float32"\nsteps = 100\n'
+        '[train]\nlearning_rate = 1e-3\n'
+    )
+    assert main(["--config", str(config), "steps=2", "save_every=2", "train.total_steps=2"]) == 0
+    lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert main(["--config", str(config), "bogus_key=1"]) == 2
+    assert "unknown config keys: ['bogus_key']" in capsys.readouterr().err

@@ -1,0 +1,28 @@
+"""`vipllava-train --config run.toml [key=value ...]`: fine-tune VipLlava (logic: vipllava_jax.training)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vipllava_jax.errors import VipLlavaError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vipllava-train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="a TOML run config (see README)")
+    p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 train.learning_rate=1e-4")
+    args = p.parse_args(argv)
+
+    from vipllava_jax.training.loop import RunConfig, train
+
+    try:
+        train(RunConfig.from_file(args.config, args.overrides))
+    except (VipLlavaError, OSError) as e:
+        print(f"vipllava-train: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The fine-tuning loop: data -> sharded train step -> metrics and Orbax checkpoints, resumable.
+
+    RunConfig (a TOML file + key=value overrides)
+      model folder --from_pretrained--> model --init_train_state--> TrainState on the mesh
+      TrainDataLoader --shard_batch--> step --> metrics.jsonl, stdout
+      every `save_every` steps: CheckpointManager.save(step, {state, data position}) (async)
+
+On start, the latest complete checkpoint in `output_dir/checkpoints` is restored (onto this
+run's mesh, whatever mesh wrote it), so a killed run loses at most the steps since its last
+complete save. A non-finite loss stops the run before anything is saved for that step.
+There is no dropout in VipLlava, so the state needs no RNG: a resumed run reproduces the
+losses of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+from vipllava_jax.processor import VipLlavaProcessor
+from vipllava_jax.training.data import TrainDataLoader
+from vipllava_jax.training.mesh import mesh_from_spec, shard_batch
+from vipllava_jax.training.step import (
+    TrainConfig, TrainState, init_train_state, make_train_step, merge_model,
+)
+
+
+class TrainingError(VipLlavaError):
+    """The run cannot go on (non-finite loss, bad configuration)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run. `train` holds the optimizer and step settings (`TrainConfig`)."""
+
+    model: str  # an Orbax folder from vipllava-convert (or an HF folder) with tokenizer files
+    data: str  # LLaVA-format JSON or JSONL
+    output_dir: str
+    image_folder: str | None = None
+    mesh: str = "data=-1"
+    batch_size: int = 8
+    max_length: int = 1024
+    template: str = "vipllava"
+    seed: int = 0
+    steps: int = 1000
+    save_every: int = 100
+    keep: int = 3
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"  # master weights
+    strict: bool = False
+    num_workers: int = 4
+    log_every: int = 1
+    stop_after: int | None = None  # stop early at this step (as if killed), for tests
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        train = d.pop("train", {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise TrainingError(f"unknown config keys: {unknown}")
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(train) - train_fields)
+        if unknown:
+            raise TrainingError(f"unknown [train] keys: {unknown}")
+        train.setdefault("total_steps", d.get("steps", 1000))
+        return cls(**d, train=TrainConfig(**train))
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        """A TOML file, then `key=value` overrides (`train.learning_rate=1e-4`, `steps=10`)."""
+        d = tomllib.loads(Path(path).read_text())
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise TrainingError(f"override {item!r} is not key=value")
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw  # a bare string
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.from_dict(d)
+
+
+def _checkpoint_manager(cfg: RunConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep, save_interval_steps=1, enable_async_checkpointing=True,
+    )
+    return ocp.CheckpointManager(Path(cfg.output_dir, "checkpoints").absolute(), options=options)
+
+
+def _prepare_output(cfg: RunConfig) -> Path:
+    """The output folder carries the model config and tokenizer files, so that a training
+    checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(cfg.model).iterdir():
+        if f.is_file() and (f.suffix == ".json" or f.name == "tokenizer.model") and not f.name.startswith("."):
+            if not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+    (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
+    """Runs (or resumes) the training run; returns the metrics of the steps it ran."""
+    out = _prepare_output(cfg)
+    mesh = mesh_from_spec(cfg.mesh)
+    model = VipLlavaForConditionalGeneration.from_pretrained(
+        cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    processor = VipLlavaProcessor.from_pretrained(cfg.model)
+    loader = TrainDataLoader(
+        cfg.data, cfg.image_folder, processor, batch_size=cfg.batch_size,
+        max_length=cfg.max_length, template=cfg.template, seed=cfg.seed,
+        strict=cfg.strict, num_workers=cfg.num_workers,
+    )
+    graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
+    del model
+    step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
+    manager = _checkpoint_manager(cfg)
+    start = manager.latest_step()
+    if start is not None:
+        state, data_state = _restore(manager, start, state, shardings)
+        loader.load_state_dict(data_state)
+    start = start or 0
+    flops_per_token = 6 * sum(x.size for x in jax.tree.leaves(state.params)) + 2 * sum(
+        x.size for x in jax.tree.leaves(state.frozen))
+
+    history = []
+    last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    batches = iter(loader)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+    with open(out / "metrics.jsonl", "a") as log:
+        for step in range(start + 1, last + 1):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, shard_batch(next(batches), mesh))
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(metrics["loss"]):
+                manager.wait_until_finished()
+                raise TrainingError(
+                    f"loss is {metrics['loss']} at step {step}; stopped without saving it. "
+                    f"The last good checkpoint is step {manager.latest_step()}"
+                )
+            metrics.update(step=step, seconds=seconds, tokens_per_s=metrics["tokens"] / seconds,
+                           model_tflops=metrics["tokens"] * flops_per_token / seconds / 1e12,
+                           **{f"data_{k}": v for k, v in loader.stats.items()})
+            history.append(metrics)
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            bar.update()
+            if step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                tqdm.write(
+                    f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+                    f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
+                )
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(loader.state_dict()),
+                ))
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    return history
+
+
+def _restore(manager, step, state: TrainState, shardings: TrainState):
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+
+def load_trained_model(output_dir: str | Path, step: int | None = None) -> VipLlavaForConditionalGeneration:
+    """The model of a training run's checkpoint (the latest complete one by default)."""
+    out = Path(output_dir)
+    cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
+    mesh = mesh_from_spec("data=1", jax.devices()[:1])
+    model = VipLlavaForConditionalGeneration.from_pretrained(
+        cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)
+    graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
+    manager = _checkpoint_manager(cfg)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise TrainingError(f"no complete checkpoint in {out / 'checkpoints'}")
+    state, _ = _restore(manager, step, state, shardings)
+    return merge_model(graphdef, state)
