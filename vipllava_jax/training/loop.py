@@ -8,12 +8,17 @@
 On start, the latest complete checkpoint in `output_dir/checkpoints` is restored (onto this
 run's mesh, whatever mesh wrote it), so a killed run loses at most the steps since its last
 complete save. A non-finite loss stops the run before anything is saved for that step.
+On several hosts (`jax.distributed.initialize` before `train`) every process runs `train`
+with the same config: each loads `batch_size // process_count` rows, `shard_batch` assembles the
+global batch, all save the checkpoint together (with every host's data position), and process
+0 alone writes metrics.jsonl and the output folder's files.
 There is no dropout in VipLlava, so the state needs no RNG: a resumed run reproduces the
 losses of an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -51,7 +56,7 @@ class RunConfig:
     output_dir: str
     image_folder: str | None = None
     mesh: str = "data=-1"
-    batch_size: int = 8
+    batch_size: int = 8  # global: each of the jax.process_count() processes loads its share
     max_length: int = 1024
     template: str = "vipllava"
     seed: int = 0
@@ -113,6 +118,8 @@ def _prepare_output(cfg: RunConfig) -> Path:
     checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:  # one writer when several processes share the folder
+        return out
     for f in Path(cfg.model).iterdir():
         if f.is_file() and (f.suffix == ".json" or f.name == "tokenizer.model") and not f.name.startswith("."):
             if not (out / f.name).exists():
@@ -126,10 +133,14 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     out = _prepare_output(cfg)
     mesh = mesh_from_spec(cfg.mesh)
     model = VipLlavaForConditionalGeneration.from_pretrained(
-        cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)  # every process its shards
     processor = VipLlavaProcessor.from_pretrained(cfg.model)
+    # batch_size is the global batch; each process loads its share of the rows
+    hosts, primary = jax.process_count(), jax.process_index() == 0
+    if cfg.batch_size % hosts:
+        raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
     loader = TrainDataLoader(
-        cfg.data, cfg.image_folder, processor, batch_size=cfg.batch_size,
+        cfg.data, cfg.image_folder, processor, batch_size=cfg.batch_size // hosts,
         max_length=cfg.max_length, template=cfg.template, seed=cfg.seed,
         strict=cfg.strict, num_workers=cfg.num_workers,
     )
@@ -140,7 +151,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     start = manager.latest_step()
     if start is not None:
         state, data_state = _restore(manager, start, state, shardings)
-        loader.load_state_dict(data_state)
+        loader.load_state_dict(_host_data_state(data_state))
     start = start or 0
     flops_per_token = 6 * sum(x.size for x in jax.tree.leaves(state.params)) + 2 * sum(
         x.size for x in jax.tree.leaves(state.frozen))
@@ -148,8 +159,9 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     history = []
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     batches = iter(loader)
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
-    with open(out / "metrics.jsonl", "a") as log:
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and primary))
+    # metrics are global (the step reduces over all processes): process 0 writes them
+    with open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log:
         for step in range(start + 1, last + 1):
             t0 = time.perf_counter()
             state, metrics = step_fn(state, shard_batch(next(batches), mesh))
@@ -165,10 +177,11 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
                            model_tflops=metrics["tokens"] * flops_per_token / seconds / 1e12,
                            **{f"data_{k}": v for k, v in loader.stats.items()})
             history.append(metrics)
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            if primary:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
             bar.update()
-            if step % cfg.log_every == 0:
+            if primary and step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
                 tqdm.write(
                     f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
@@ -177,12 +190,41 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(loader.state_dict()),
+                    data=ocp.args.JsonSave(_data_state(loader)),
                 ))
     bar.close()
     manager.wait_until_finished()
     manager.close()
     return history
+
+
+def _data_state(loader: TrainDataLoader) -> dict[str, Any]:
+    """The loader position to save. One process: its `state_dict()`. Several: every process's
+    (they differ: host index, and position when hosts skip different records) as
+    `{"hosts": [...]}`, gathered to all, since only process 0 writes the JSON item."""
+    state = loader.state_dict()
+    if jax.process_count() == 1:
+        return state
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    size = int(multihost_utils.process_allgather(np.int32(raw.size)).max())
+    padded = np.zeros(size, np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)
+    return {"hosts": [json.loads(bytes(r).rstrip(b"\0")) for r in np.asarray(rows)]}
+
+
+def _host_data_state(data_state: dict[str, Any]) -> dict[str, Any]:
+    """This process's loader state from `_data_state`'s output."""
+    if "hosts" not in data_state:
+        return data_state
+    hosts = data_state["hosts"]
+    if len(hosts) != jax.process_count():
+        raise TrainingError(
+            f"the checkpoint's data state was saved by {len(hosts)} processes, this run has "
+            f"{jax.process_count()}")
+    return hosts[jax.process_index()]
 
 
 def _restore(manager, step, state: TrainState, shardings: TrainState):

@@ -113,19 +113,33 @@ def data_sharding(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> NamedSharding:
 
 
 def shard_batch(batch: dict[str, Any], mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> dict[str, jax.Array]:
-    """Places a host batch (numpy arrays) on `mesh`, rows split over the data axes.
+    """Places this host's rows of a batch (numpy arrays) on `mesh`, rows split over the data
+    axes.
+
+    On several hosts (`jax.process_count() > 1`) each process passes its LOCAL rows (as
+    `TrainDataLoader` yields them: host `p` reads its own share) and the global batch is their
+    concatenation in process order, `jax.make_array_from_process_local_data`; the global
+    leading dimension is `rows x process_count`. On one host this is `jax.device_put` of the
+    whole batch.
 
     Raises:
-      ValueError: a leading dimension that the data-parallel size does not divide.
+      ValueError: a global leading dimension that the data-parallel size does not divide.
     """
     n = data_parallel_size(mesh, rules)
+    hosts = jax.process_count()
     for name, x in batch.items():
-        if np.shape(x)[0] % n:
+        rows = np.shape(x)[0] * hosts
+        if rows % n:
+            per_host = f" ({np.shape(x)[0]} on each of {hosts} hosts)" if hosts > 1 else ""
             raise ValueError(
-                f"{name} has {np.shape(x)[0]} rows, not a multiple of the {n} devices the batch "
+                f"{name} has {rows} rows{per_host}, not a multiple of the {n} devices the batch "
                 f"is split over (mesh {dict(mesh.shape)})"
             )
-    return jax.device_put(dict(batch), data_sharding(mesh, rules))
+    sharding = data_sharding(mesh, rules)
+    if hosts == 1:
+        return jax.device_put(dict(batch), sharding)
+    return {name: jax.make_array_from_process_local_data(sharding, np.asarray(x))
+            for name, x in batch.items()}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
