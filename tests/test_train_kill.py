@@ -1,0 +1,127 @@
+"""A `vipllava-train` run killed with SIGKILL (during or right around an async Orbax save)
+leaves only complete checkpoints, and a restarted run resumes from the last complete step
+with the losses of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+import pytest
+from jax._src import compilation_cache
+
+from test_train_loop import run_config, workspace  # noqa: F401  (workspace is a fixture)
+from vipllava_jax.training.loop import train
+
+STEPS = 8
+SAVE_EVERY = 2
+KILL_AT = 5  # kill once a step >= this is logged, or once a save of a step >= 4 is in flight
+TMP = ".orbax-checkpoint-tmp"
+
+
+@pytest.fixture
+def compile_cache(tmp_path):
+    """A persistent compilation cache shared by the killed run and the in-process runs: the
+    train step is compiled once (in the subprocess), not three times. Restored afterwards."""
+    path = tmp_path / "jax_cache"
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    env = {"JAX_COMPILATION_CACHE_DIR": str(path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    for n, v in zip(names, (str(path), 0, 0)):
+        jax.config.update(n, v)
+    compilation_cache.reset_cache()
+    try:
+        yield env
+    finally:
+        for n, v in saved.items():
+            jax.config.update(n, v)
+        compilation_cache.reset_cache()
+
+
+def _toml(root, out) -> str:
+    # the same run as run_config(root, out, steps=STEPS, save_every=SAVE_EVERY)
+    return (
+        f'model = "{root / "model"}"\ndata = "{root / "data.jsonl"}"\n'
+        f'image_folder = "{root / "images"}"\noutput_dir = "{out}"\n'
+        'mesh = "data=-1"\nbatch_size = 8\nmax_length = 64\ndtype = "float32"\nnum_workers = 2\n'
+        f"steps = {STEPS}\nsave_every = {SAVE_EVERY}\n"
+        "[train]\nlearning_rate = 3e-3\nwarmup_steps = 2\n"
+    )
+
+
+def _logged_steps(out: Path) -> list[int]:
+    try:
+        text = (out / "metrics.jsonl").read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["step"] for line in text.splitlines() if line.endswith("}")]
+
+
+def _save_in_flight(ckpt: Path) -> bool:
+    """A temporary (not yet committed) step folder of a step >= 4 exists."""
+    try:
+        names = [p.name for p in ckpt.iterdir()]
+    except FileNotFoundError:
+        return False
+    return any(TMP in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= 4 for n in names)
+
+
+def _kill_mid_run(workspace, tmp_path, out: Path, env: dict[str, str]) -> tuple[list[int], bool]:
+    config = tmp_path / "run.toml"
+    config.write_text(_toml(workspace, out))
+    command = [str(Path(sys.executable).with_name("vipllava-train")), "--config", str(config)]
+    log = open(tmp_path / "train.log", "w")
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        in_flight = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            in_flight = _save_in_flight(out / "checkpoints")
+            if in_flight or any(s >= KILL_AT for s in _logged_steps(out)):
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before it was killed:\n{(tmp_path / 'train.log').read_text()}"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    return _logged_steps(out), in_flight
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_path, compile_cache):  # noqa: F811
+    out = tmp_path / "killed"
+    logged, in_flight = _kill_mid_run(workspace, tmp_path, out, compile_cache)
+    assert logged and max(logged) < STEPS, logged
+
+    # Only complete steps count: a save cut short stays a temporary folder, never a step.
+    ckpt = out / "checkpoints"
+    manager = ocp.CheckpointManager(ckpt.absolute())
+    steps = list(manager.all_steps())
+    latest = manager.latest_step()
+    manager.close()
+    assert latest is not None and latest == max(steps), (steps, sorted(p.name for p in ckpt.iterdir()))
+    assert latest % SAVE_EVERY == 0 and latest <= max(logged), (latest, logged)
+    for s in steps:
+        assert (ckpt / str(s)).is_dir() and not any(TMP in p.name for p in (ckpt / str(s)).iterdir())
+    unfinished = [p.name for p in ckpt.iterdir() if TMP in p.name]
+    assert all(int(n.split(".")[0]) > latest for n in unfinished), (unfinished, latest)
+
+    # The restarted run picks up after `latest` and reproduces the uninterrupted losses.
+    rest = train(run_config(workspace, out, steps=STEPS, save_every=SAVE_EVERY), progress=False)
+    full = train(run_config(workspace, tmp_path / "full", steps=STEPS, save_every=SAVE_EVERY),
+                 progress=False)
+    assert [m["step"] for m in rest] == list(range(latest + 1, STEPS + 1))
+    expected = [m["loss"] for m in full[latest:]]
+    got = [m["loss"] for m in rest]
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-6, (got, expected, in_flight)
