@@ -227,9 +227,10 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
         graphdef, state = nnx.split(model)
         tokens = np.asarray(_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
     else:
-        chunks = list(_stream(model, *args, max_new_tokens))
-        for c in chunks:
-            streamer(c)
+        chunks = []
+        for chunk in _stream(model, *args, max_new_tokens):
+            streamer(chunk)  # as soon as it is produced
+            chunks.append(chunk)
         tokens = np.full((prompt.shape[0], max_new_tokens), pad_token_id, np.int32)
         done = np.concatenate(chunks, axis=1) if chunks else tokens[:, :0]
         tokens[:, : done.shape[1]] = done
