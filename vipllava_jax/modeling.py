@@ -71,16 +71,31 @@ def merge_image_features(
     return jnp.where(counts_agree, merged, jnp.nan)
 
 
-def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """transformers' causal LM loss: predict labels[t+1] from position t, -100 ignored,
-    mean over the counted tokens (computed in float32)."""
+def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token negative log-likelihood and the number of tokens counted.
+
+    Position t predicts labels[t+1]; labels equal to -100 are not counted. Float32.
+
+    Args:
+      logits: `[B, T, V]`, any float dtype.
+      labels: int `[B, T]`.
+    Returns:
+      (sum of -log p over counted tokens, count), float32 scalars.
+    """
     logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
     targets = labels[:, 1:]  # [B, T-1]
     counted = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
     safe = jnp.where(counted, targets, 0)
-    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(counted, nll, 0.0)) / jnp.sum(counted)
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # [B, T-1]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T-1]
+    return jnp.sum(jnp.where(counted, nll, 0.0)), jnp.sum(counted).astype(jnp.float32)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """transformers' causal LM loss: predict labels[t+1] from position t, -100 ignored,
+    mean over the counted tokens (computed in float32)."""
+    nll_sum, count = token_nll(logits, labels)
+    return nll_sum / count
 
 
 class VipLlavaForConditionalGeneration(nnx.Module):

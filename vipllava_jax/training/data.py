@@ -56,10 +56,10 @@ from typing import Any
 import numpy as np
 
 from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.modeling import IGNORE_INDEX  # the label the loss ignores
 from vipllava_jax.processor import VipLlavaProcessor, load_image
 from vipllava_jax.prompts import TEMPLATES
 
-IGNORE_INDEX = -100  # the label of positions the loss ignores (modeling.IGNORE_INDEX)
 USER_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 # Why a record was skipped; `stats` counts each as `skipped_<reason>`. The first three are data

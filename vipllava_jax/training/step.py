@@ -32,7 +32,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vipllava_jax.modeling import IGNORE_INDEX
+from vipllava_jax.modeling import token_nll
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
 from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
 
@@ -176,26 +176,6 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 
 
 # -- loss and gradients ------------------------------------------------------------------------
-
-def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood and the number of tokens counted.
-
-    Position t predicts labels[t+1]; labels equal to -100 are not counted. Float32.
-
-    Args:
-      logits: `[B, T, V]`, any float dtype.
-      labels: int `[B, T]`.
-    Returns:
-      (sum of -log p over counted tokens, count), float32 scalars.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
-    targets = labels[:, 1:]  # [B, T-1]
-    counted = targets != IGNORE_INDEX
-    safe = jnp.where(counted, targets, 0)
-    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # [B, T-1]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit  # [B, T-1]
-    return jnp.sum(jnp.where(counted, nll, 0.0)), jnp.sum(counted).astype(jnp.float32)
-
 
 class _Remat(nnx.Module):
     """A decoder layer whose activations are recomputed in the backward pass."""
