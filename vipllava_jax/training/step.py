@@ -39,10 +39,12 @@ from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
 Batch = dict[str, jax.Array]
 Params = dict[str, Any]  # nested dicts of arrays, keyed like the model's attributes
 
-# Which top-level submodules each stage trains; the vision tower is never trained.
+# Which top-level submodules each stage trains. Only "all" trains the vision tower: a model
+# trained from scratch (the tiny embedded one) has no pretrained CLIP to keep frozen.
 STAGES: dict[str, tuple[str, ...]] = {
     "projector": ("multi_modal_projector",),
     "full": ("multi_modal_projector", "language_model", "lm_head"),
+    "all": ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
 }
 
 # Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
