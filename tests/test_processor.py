@@ -4,6 +4,7 @@ builder against the formats in SPEC.md. A word-level tokenizer is built locally 
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -13,6 +14,7 @@ from vipllava_jax.config import VipLlavaConfig
 from vipllava_jax.errors import ConfigError, VipLlavaError
 from vipllava_jax.processor import CLIPImagePreprocessor, VipLlavaProcessor
 from vipllava_jax.prompts import build_prompt
+from vipllava_jax.visual_prompts import VisualPrompt, VisualPromptError, draw_visual_prompts
 
 IMAGE_SIZE = 42  # patch 14 -> 3 x 3 = 9 image tokens
 PATCH = 14
@@ -327,6 +329,59 @@ def test_bad_inputs(ours, tokenizer_dir):
         )
     with pytest.raises(VipLlavaError, match="image_processor or image_size"):
         VipLlavaProcessor(tokenizer_dir, num_image_tokens=9)
+
+
+# --- visual prompts: drawn before preprocessing -----------------------------------------------
+
+
+@pytest.mark.parametrize("template", ["vipllava", "llava_v1"])
+def test_visual_prompts_equal_premarked_images(ours, images, template):
+    rect = VisualPrompt(marker="rectangle", box=(15, 12, 35, 30), color="red")
+    pt = VisualPrompt(marker="point", point=(20, 30), color="lime", style="random", seed=4)
+    arrow = VisualPrompt(marker="arrow", box=(10, 10, 30, 30), color="blue")
+    vps = [rect, [pt, arrow], None]
+    prompts = [build_prompt(QUESTIONS[0], template=template),
+               build_prompt(QUESTIONS[2], template=template) + " <image>"]
+    pils = images["pil"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the crop warning has its own test
+        got = ours(prompts, [pils[:1], pils[1:]], visual_prompts=vps)
+        premarked = [draw_visual_prompts(pils[0], [rect]), draw_visual_prompts(pils[1], [pt, arrow]),
+                     pils[2]]
+        want = ours(prompts, [premarked[:1], premarked[1:]])
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    plain = ours(prompts, [pils[:1], pils[1:]])["pixel_values"]
+    assert not np.array_equal(got["pixel_values"][0], plain[0])
+    np.testing.assert_array_equal(got["pixel_values"][2], plain[2])
+    assert (np.asarray(pils[0]) == images["np"][0]).all()  # the caller's image is not drawn on
+
+
+def test_visual_prompt_cut_by_center_crop_warns(tokenizer_dir):
+    wide = np.full((40, 120, 3), 200, np.uint8)  # the crop keeps the middle third of the width
+    edge = VisualPrompt(marker="ellipse", box=(2, 5, 30, 35), color="red")
+    middle = VisualPrompt(marker="rectangle", box=(50, 5, 70, 35), color="red")
+    crop = VipLlavaProcessor(tokenizer_dir, image_size=IMAGE_SIZE, num_image_tokens=NUM_IMAGE_TOKENS)
+    with pytest.warns(UserWarning, match="cuts off part of the ellipse marker on image 0"):
+        crop(images=[wide], visual_prompts=[edge])
+    square = VipLlavaProcessor(
+        tokenizer_dir, CLIPImagePreprocessor.for_size(IMAGE_SIZE, pad_to_square=True),
+        num_image_tokens=NUM_IMAGE_TOKENS,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        crop(images=[wide], visual_prompts=[middle])
+        out = square(images=[wide], visual_prompts=[edge])
+    # With pad_to_square the marker survives: the left of the padded image is red-tinted.
+    plain = square(images=[wide])["pixel_values"]
+    assert not np.array_equal(out["pixel_values"], plain)
+
+
+def test_visual_prompt_errors(ours, images):
+    with pytest.raises(VipLlavaError, match="1 visual_prompts entries were given for 2 image"):
+        ours(images=images["pil"][:2], visual_prompts=[None])
+    with pytest.raises(VisualPromptError, match="not inside"):
+        ours(images=images["pil"][0], visual_prompts=[VisualPrompt(marker="mask", box=(0, 0, 99, 9))])
 
 
 # --- prompt builder: exact strings from SPEC.md -------------------------------------------------

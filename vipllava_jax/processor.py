@@ -24,6 +24,7 @@ import PIL.Image
 
 from vipllava_jax.config import VipLlavaConfig
 from vipllava_jax.errors import ConfigError, VipLlavaError
+from vipllava_jax.visual_prompts import VisualPrompt, crop_cuts_marker, draw_visual_prompts
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -386,6 +387,7 @@ class VipLlavaProcessor:
         pad_to_multiple_of: int | None = None,
         padding_side: str = "left",
         return_tensors: str | None = "np",
+        visual_prompts: Sequence[VisualPrompt | Sequence[VisualPrompt] | None] | None = None,
     ) -> dict[str, Any]:
         """Tokenizes prompts and preprocesses their images.
 
@@ -401,6 +403,10 @@ class VipLlavaProcessor:
                 distinct shapes, fewer recompilations).
             padding_side: "left" (generation) or "right".
             return_tensors: "np" for numpy arrays, None for python lists.
+            visual_prompts: markers to draw on the images before preprocessing, one entry per
+                image in the flat placeholder order: a `VisualPrompt`, a list of them (drawn in
+                order) or None. A warning names the marker when the center crop would cut part
+                of it off (pass `pad_to_square=True` to keep it whole, as the original does).
 
         Returns:
             A dict with `input_ids` [B, T] int64 and `attention_mask` [B, T] int64 when text is
@@ -408,7 +414,9 @@ class VipLlavaProcessor:
 
         Raises:
             VipLlavaError: placeholder and image counts differ, a prompt is longer than
-                `max_length`, or unpadded prompts of different lengths were asked for as arrays.
+                `max_length`, unpadded prompts of different lengths were asked for as arrays,
+                or `visual_prompts` does not have one entry per image.
+            VisualPromptError: a marker cannot be drawn on its image.
         """
         if text is None and images is None:
             raise VipLlavaError("pass text, images or both")
@@ -417,6 +425,8 @@ class VipLlavaProcessor:
         if return_tensors not in ("np", None):
             raise VipLlavaError(f"return_tensors must be 'np' or None, got {return_tensors!r}")
         flat_images, per_prompt = _flatten_images(images)
+        if visual_prompts is not None:
+            flat_images = self._draw_visual_prompts(flat_images, visual_prompts)
         out: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
@@ -432,6 +442,40 @@ class VipLlavaProcessor:
             out["input_ids"], out["attention_mask"] = ids, mask
         if flat_images:
             out["pixel_values"] = self.image_processor(flat_images)
+        return out
+
+    def _draw_visual_prompts(
+        self, images: list[ImageInput], visual_prompts: Sequence[Any]
+    ) -> list[ImageInput]:
+        """The images with their markers drawn, warning where the center crop cuts one."""
+        if isinstance(visual_prompts, VisualPrompt):
+            visual_prompts = [visual_prompts]
+        visual_prompts = list(visual_prompts)
+        if len(visual_prompts) != len(images):
+            raise VipLlavaError(
+                f"{len(visual_prompts)} visual_prompts entries were given for {len(images)} "
+                f"image(s); pass one per image (a VisualPrompt, a list of them, or None)"
+            )
+        ip = self.image_processor
+        crops = ip.do_center_crop and not ip.pad_to_square
+        out = []
+        for i, (image, vps) in enumerate(zip(images, visual_prompts)):
+            if vps is None:
+                out.append(image)
+                continue
+            vps = [vps] if isinstance(vps, VisualPrompt) else list(vps)
+            marked = draw_visual_prompts(image, vps)
+            if crops:
+                resized = ip._resized_hw(marked.height, marked.width) if ip.do_resize else (
+                    marked.height, marked.width)
+                for vp in vps:
+                    if crop_cuts_marker(marked.size, vp, size=resized, crop_size=ip.crop_size):
+                        warnings.warn(
+                            f"the center crop cuts off part of the {vp.marker} marker on image "
+                            f"{i}; pad_to_square=True (the original ViP-LLaVA preprocessing) "
+                            f"keeps it whole", stacklevel=3,
+                        )
+            out.append(marked)
         return out
 
     def _check_counts(
