@@ -14,8 +14,9 @@ Stage "full": the projector, the decoder and lm_head are trained, the vision tow
 
 Prints seconds per step (min of --repeat after one warm-up step), tokens/s, the JAX / PyTorch
 ratio, and the fraction of this machine's matmul peak (jitted 2048x2048 fp32 matmul, measured
-in this run) reached by each, counting model FLOPs per step as
-6 x trainable params x tokens + 2 x frozen (vision) params x image tokens.
+in this run) reached by each, counting model FLOPs per step as vipllava-train does for its MFU
+(`training.loop.train_flops_per_token`: 6 per trainable weight, 2 per frozen vision weight,
+attention 12 x layers x tokens x width, per token), next to XLA's own count of the step.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax.training import (  # noqa: E402
     TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
 )
+from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
 
 IMAGE_TOKENS = 256
 
@@ -53,10 +55,6 @@ def make_batch(batch: int, text_tokens: int, seed: int = 0):
     return ids, labels, np.ones_like(ids), pixels
 
 
-def step_flops(trainable: int, frozen: int, batch: int, tokens: int) -> float:
-    return 6 * trainable * batch * tokens + 2 * frozen * batch * IMAGE_TOKENS
-
-
 def bench_jax(path, data, repeat):
     ids, labels, mask, pixels = data
     model = VipLlavaForConditionalGeneration.from_pretrained(path, dtype="float32", param_dtype="float32")
@@ -69,6 +67,10 @@ def bench_jax(path, data, repeat):
                          "attention_mask": mask.astype(np.int32), "pixel_values": pixels}, mesh)
     n_train = sum(x.size for x in jax.tree.leaves(state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
+    text = bench_config().text_config
+    flops = ids.size * train_flops_per_token(
+        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=ids.shape[1])
+    xla_flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
 
     t = time.perf_counter()
     state, metrics = step(state, batch)
@@ -82,7 +84,7 @@ def bench_jax(path, data, repeat):
         jax.block_until_ready((state, metrics))
         best = min(best, time.perf_counter() - t)
         losses.append(float(metrics["loss"]))
-    return best, first - best, losses, n_train, n_frozen
+    return best, first - best, losses, n_train, n_frozen, flops, xla_flops
 
 
 def bench_torch(ref, data, repeat):
@@ -128,16 +130,15 @@ def main():
     gflops, _ = machine_roofline()
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        jt, jc, jl, n_train, n_frozen = bench_jax(tmp, data, args.repeat)
+        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(tmp, data, args.repeat)
     tt, tl = bench_torch(ref, data, args.repeat)
-    flops = step_flops(n_train, n_frozen, args.batch, tokens)
     n_tok = args.batch * tokens
 
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"torch {torch.__version__}")
     print(f"model: {(n_train + n_frozen) / 1e6:.0f}M params fp32 ({n_train / 1e6:.1f}M trained, "
           f"{n_frozen / 1e6:.1f}M frozen vision); batch {args.batch} x {tokens} tokens; "
-          f"{flops / 1e9:.0f} GFLOP per step")
+          f"{flops / 1e9:.0f} GFLOP per step (XLA counts {xla_flops / 1e9:.0f})")
     print(f"machine: matmul {gflops:.1f} GFLOP/s (jitted 2048x2048 fp32)")
     print(f"losses (first step, then timed): jax {' '.join(f'{x:.4f}' for x in jl)}")
     print(f"                                 torch {' '.join(f'{x:.4f}' for x in tl)}")

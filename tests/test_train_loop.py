@@ -1,6 +1,9 @@
 """The training run end to end: overfit, export to transformers, exact resume, NaN stop."""
 
 import json
+import struct
+
+import jax
 
 import numpy as np
 import PIL.Image
@@ -96,10 +99,56 @@ def test_command_reads_a_toml_config_with_overrides(workspace, tmp_path, capsys)
         f'model = "{workspace / "model"}"\ndata = "{workspace / "data.jsonl"}"\n'
         f'image_folder = "{workspace / "images"}"\noutput_dir = "{tmp_path / "cli"}"\n'
         'mesh = "data=-1"\nbatch_size = 8\nmax_length = 64\ndtype = "float32"\nsteps = 100\n'
-        '[train]\nlearning_rate = 1e-3\n'
+        'peak_tflops = 0.5\n[train]\nlearning_rate = 1e-3\n'
     )
     assert main(["--config", str(config), "steps=2", "save_every=2", "train.total_steps=2"]) == 0
-    lines = (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    metrics = [json.loads(line) for line in (tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:  # MFU = model FLOP/s over the peak of all devices
+        assert m["mfu"] == pytest.approx(m["model_tflops"] / (0.5 * jax.device_count()))
+        assert m["tokens_per_s"] == pytest.approx(8 * 64 / m["seconds"])
+    board = tensorboard_scalars(tmp_path / "cli" / "tensorboard")
+    assert board["train/loss"] == [(m["step"], pytest.approx(m["loss"])) for m in metrics]
+    assert {"train/learning_rate", "train/grad_norm", "train/mfu", "train/tokens_per_s"} <= set(board)
+
     assert main(["--config", str(config), "bogus_key=1"]) == 2
     assert "unknown config keys: ['bogus_key']" in capsys.readouterr().err
+    assert main(["--config", str(config), "train.stage=lora", "train.lora_targets=['wq']"]) == 2
+    assert "LoRA targets must be" in capsys.readouterr().err
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """tag -> [(step, value)] from every event file in `folder` (TFRecord framing: length,
+    its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        pos = 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_lora_run_exports_merged_weights_to_transformers(workspace, tmp_path):
+    from transformers import VipLlavaForConditionalGeneration
+
+    history = train(run_config(workspace, tmp_path / "lora", steps=4, save_every=4, train=dict(
+        stage="lora", lora_rank=4, lora_alpha=8.0, learning_rate=1e-2)), progress=False)
+    assert history[-1]["loss"] < history[0]["loss"]
+    orbax_to_hf(tmp_path / "lora", tmp_path / "hf_lora")
+    ref = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "hf_lora").eval()
+    base = VipLlavaForConditionalGeneration.from_pretrained(workspace / "hf").eval()
+    trained = load_trained_model(tmp_path / "lora")
+    ids = np.array([[1] + [100] * 4 + [5, 6, 7, 8]])
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+        untrained = base(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(trained(ids, pixels).logits), expected, atol=1e-4)
+    assert np.abs(expected - untrained).max() > 1e-3  # the adapters were merged in

@@ -1,5 +1,6 @@
 """Training: the mesh, the sharded train state and the jitted train step."""
 
+from vipllava_jax.training.lora import LoRALinear, LoRAParam, add_lora, merge_lora
 from vipllava_jax.training.mesh import (
     MESH_AXES, batch_sharding, data_parallel_size, data_sharding, mesh_from_spec, parse_mesh_spec,
     shard_batch,
@@ -10,11 +11,14 @@ from vipllava_jax.training.step import (
 )
 
 __all__ = [
+    "LoRALinear",
+    "LoRAParam",
     "MESH_AXES",
     "REMAT_POLICIES",
     "STAGES",
     "TrainConfig",
     "TrainState",
+    "add_lora",
     "batch_sharding",
     "data_parallel_size",
     "data_sharding",
@@ -23,6 +27,7 @@ __all__ = [
     "loss_and_grads",
     "make_optimizer",
     "make_train_step",
+    "merge_lora",
     "merge_model",
     "mesh_from_spec",
     "parse_mesh_spec",

@@ -37,6 +37,7 @@ from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.processor import VipLlavaProcessor
 from vipllava_jax.training.data import TrainDataLoader
+from vipllava_jax.training.lora import merge_lora
 from vipllava_jax.training.mesh import mesh_from_spec, shard_batch
 from vipllava_jax.training.step import (
     TrainConfig, TrainState, init_train_state, make_train_step, merge_model,
@@ -68,6 +69,8 @@ class RunConfig:
     strict: bool = False
     num_workers: int = 4
     log_every: int = 1
+    tensorboard: bool = True  # also write TensorBoard event files to output_dir/tensorboard
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
     stop_after: int | None = None  # stop early at this step (as if killed), for tests
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -84,7 +87,10 @@ class RunConfig:
         if unknown:
             raise TrainingError(f"unknown [train] keys: {unknown}")
         train.setdefault("total_steps", d.get("steps", 1000))
-        return cls(**d, train=TrainConfig(**train))
+        try:
+            return cls(**d, train=TrainConfig(**train))
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"bad config: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -144,6 +150,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
         max_length=cfg.max_length, template=cfg.template, seed=cfg.seed,
         strict=cfg.strict, num_workers=cfg.num_workers,
     )
+    model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     del model
     step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
@@ -153,8 +160,15 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
         state, data_state = _restore(manager, start, state, shardings)
         loader.load_state_dict(_host_data_state(data_state))
     start = start or 0
-    flops_per_token = 6 * sum(x.size for x in jax.tree.leaves(state.params)) + 2 * sum(
-        x.size for x in jax.tree.leaves(state.frozen))
+    text = model_config.text_config
+    flops_per_token = train_flops_per_token(
+        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=cfg.max_length)
+    peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0])
+    if peak is None and primary:
+        tqdm.write(f"MFU not estimated: no peak TFLOP/s known for {jax.devices()[0].device_kind!r} "
+                   "(set peak_tflops in the config)")
+    peak_total = None if peak is None else peak * jax.device_count()
+    board = _tensorboard(out) if primary and cfg.tensorboard else None
 
     history = []
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
@@ -173,19 +187,27 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
                     f"loss is {metrics['loss']} at step {step}; stopped without saving it. "
                     f"The last good checkpoint is step {manager.latest_step()}"
                 )
-            metrics.update(step=step, seconds=seconds, tokens_per_s=metrics["tokens"] / seconds,
-                           model_tflops=metrics["tokens"] * flops_per_token / seconds / 1e12,
+            seq_tokens = cfg.batch_size * cfg.max_length  # every position costs compute
+            metrics.update(step=step, seconds=seconds, tokens_per_s=seq_tokens / seconds,
+                           model_tflops=seq_tokens * flops_per_token / seconds / 1e12,
                            **{f"data_{k}": v for k, v in loader.stats.items()})
+            if peak_total is not None:
+                metrics["mfu"] = metrics["model_tflops"] / peak_total
             history.append(metrics)
             if primary:
                 log.write(json.dumps(metrics) + "\n")
                 log.flush()
+            if board is not None:
+                for k, v in metrics.items():
+                    if k != "step":
+                        board.add_scalar(f"train/{k}", v, step)
             bar.update()
             if primary and step % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
                 tqdm.write(
                     f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
-                    f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}"
+                    f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{mfu}"
                 )
             if step % cfg.save_every == 0 or step == cfg.steps:
                 manager.save(step, args=ocp.args.Composite(
@@ -193,9 +215,56 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
                     data=ocp.args.JsonSave(_data_state(loader)),
                 ))
     bar.close()
+    if board is not None:
+        board.close()
     manager.wait_until_finished()
     manager.close()
     return history
+
+
+def _tensorboard(out: Path):
+    from tensorboardX import SummaryWriter  # imported here: only the primary process writes
+
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+# Dense bf16 peak TFLOP/s per device, by a substring of `device.device_kind`.
+PEAK_TFLOPS: dict[str, float] = {
+    "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6": 918.0,
+}
+
+
+def device_peak_tflops(device) -> float | None:
+    """The dense bf16 peak of `device` from `PEAK_TFLOPS`, or None (CPUs, unknown kinds)."""
+    for kind, peak in PEAK_TFLOPS.items():
+        if kind in device.device_kind:
+            return peak
+    return None
+
+
+def _is_lookup(path: str) -> bool:
+    return "embed_tokens" in path or "position_embedding" in path
+
+
+def train_flops_per_token(state: TrainState, *, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Model FLOPs of one training step per sequence position (PaLM's estimate, adapted).
+
+    A weight matmul costs 2 FLOPs per parameter forward, 2 more for the input gradient and 2
+    for the weight gradient: 6 per trainable parameter, 4 per frozen decoder or projector
+    parameter (gradients still flow through it to what is trained), 2 per vision-tower
+    parameter (forward only; counted per position, which image tokens roughly equal).
+    Attention scores and values add 12 * layers * seq_len * hidden. Embedding tables are
+    lookups, not matmuls, and are left out.
+    """
+    def count(tree, keep=lambda path: True) -> int:
+        return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(tree)
+                   if not _is_lookup(jax.tree_util.keystr(path)) and keep(jax.tree_util.keystr(path)))
+
+    vision = count(state.frozen, lambda p: p.startswith("['vision_tower']"))
+    frozen_rest = count(state.frozen) - vision
+    return 6 * count(state.params) + 4 * frozen_rest + 2 * vision + 12 * num_layers * seq_len * hidden
 
 
 def _data_state(loader: TrainDataLoader) -> dict[str, Any]:
@@ -236,7 +305,8 @@ def _restore(manager, step, state: TrainState, shardings: TrainState):
 
 
 def load_trained_model(output_dir: str | Path, step: int | None = None) -> VipLlavaForConditionalGeneration:
-    """The model of a training run's checkpoint (the latest complete one by default)."""
+    """The model of a training run's checkpoint (the latest complete one by default), with
+    any LoRA adapters merged into its weights."""
     out = Path(output_dir)
     cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
@@ -248,4 +318,4 @@ def load_trained_model(output_dir: str | Path, step: int | None = None) -> VipLl
     if step is None:
         raise TrainingError(f"no complete checkpoint in {out / 'checkpoints'}")
     state, _ = _restore(manager, step, state, shardings)
-    return merge_model(graphdef, state)
+    return merge_lora(merge_model(graphdef, state))  # LoRA runs: adapters folded in

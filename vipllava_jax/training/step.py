@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vipllava_jax.modeling import token_nll
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
+from vipllava_jax.training import lora
 from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
 
 Batch = dict[str, jax.Array]
@@ -41,10 +42,13 @@ Params = dict[str, Any]  # nested dicts of arrays, keyed like the model's attrib
 
 # Which top-level submodules each stage trains. Only "all" trains the vision tower: a model
 # trained from scratch (the tiny embedded one) has no pretrained CLIP to keep frozen.
+# Stage "lora" also trains the LoRA adapters `init_train_state` adds to the decoder, whose
+# base weights stay frozen (`lora.py`).
 STAGES: dict[str, tuple[str, ...]] = {
     "projector": ("multi_modal_projector",),
     "full": ("multi_modal_projector", "language_model", "lm_head"),
     "all": ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
+    "lora": ("multi_modal_projector",),
 }
 
 # Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
@@ -66,8 +70,12 @@ class TrainConfig:
         embeddings), not to biases and norm scales (as transformers' Trainer).
       max_grad_norm: gradients are clipped to this global norm before AdamW.
       grad_accum: micro-batches per step; the global batch size must be a multiple.
-      stage: "projector" (stage 1: projector only) or "full" (stage 2: projector, decoder
-        and lm_head). The vision tower is frozen in both.
+      stage: "projector" (stage 1: projector only), "full" (stage 2: projector, decoder
+        and lm_head) or "lora" (projector + LoRA adapters on the decoder's projections, the
+        decoder's own weights frozen: optimizer state and gradients only for the adapters).
+        The vision tower is frozen in all three.
+      lora_rank, lora_alpha, lora_targets: the adapters of stage "lora": rank r, scale
+        alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
         in the backward pass (`REMAT_POLICIES`).
     """
@@ -83,12 +91,18 @@ class TrainConfig:
     grad_accum: int = 1
     stage: str = "full"
     remat: str = "none"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora.TARGETS
 
     def __post_init__(self):
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
         if not 0 <= self.warmup_steps <= self.total_steps:
@@ -138,7 +152,8 @@ def _decay_mask(params: Params) -> Params:
 def trainable_filter(stage: str) -> nnx.filterlib.Filter:
     """The NNX filter of the parameters `stage` trains (see `STAGES`)."""
     roots = STAGES[stage]
-    return nnx.All(nnx.Param, lambda path, _: str(path[0]) in roots)
+    trained = nnx.All(nnx.Param, lambda path, _: str(path[0]) in roots)
+    return nnx.Any(trained, lora.LoRAParam) if stage == "lora" else trained
 
 
 def init_train_state(
@@ -149,12 +164,15 @@ def init_train_state(
     Parameters are sharded by the logical-axis rules; the AdamW moments take the sharding
     of the parameter they belong to (`optax.tree_map_params`), scalars are replicated.
     The state may reuse the model's arrays, and the step donates the state: after the first
-    step use `merge_model(graphdef, state)`, not `model`.
+    step use `merge_model(graphdef, state)`, not `model`. In stage "lora" the adapters are
+    added to `model` here (in place; `lora.merge_lora` folds them back in).
 
     Returns:
       (graphdef, state, shardings): `shardings` is a TrainState of NamedShardings, the
       in/out shardings for `make_train_step`.
     """
+    if config.stage == "lora":
+        lora.add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.stage), ...)
     param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
     frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
