@@ -8,6 +8,7 @@ import torch
 
 from conftest import IMAGE_TOKEN, make_hf_model, make_word_tokenizer
 from vipllava_jax.checkpoint import hf_to_orbax
+from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.generate_cli import main
 from vipllava_jax.processor import VipLlavaProcessor
 from vipllava_jax.prompts import build_prompt
@@ -56,3 +57,73 @@ def test_cli_bad_image_path_is_one_clear_line(converted, capsys):
     assert main(["--model", str(root / "orbax"), "--image", "/nonexistent.png", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nonexistent.png" in err[0]
+
+
+def test_cli_marker_draws_saves_and_answers(converted, capsys, tmp_path):
+    """--marker/--box/--color draw on the image before asking; --save-marked writes exactly the
+    image the model saw, and the answer equals transformers' on that marked image."""
+    from vipllava_jax.visual_prompts import VisualPrompt, draw_visual_prompt
+
+    hf, root, image = converted
+    saved = tmp_path / "marked.png"
+    args = ["--model", str(root / "orbax"), "--image", str(image), "--prompt", QUESTION,
+            "--max-new-tokens", "4", "--marker", "rectangle", "--box", "10,8,40,32",
+            "--color", "lime", "--save-marked", str(saved)]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "warning" not in out.err
+    with PIL.Image.open(saved) as f:
+        assert f.format == "PNG"
+        marked = np.asarray(f.convert("RGB"))
+    want = draw_visual_prompt(str(image), VisualPrompt(marker="rectangle", box=(10, 8, 40, 32),
+                                                       color="lime"))
+    np.testing.assert_array_equal(marked, np.asarray(want))
+    assert not np.array_equal(marked, np.asarray(PIL.Image.open(image).convert("RGB")))
+    assert out.out.strip() == reference_answer(hf, root / "hf", saved, 4).strip()
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_cli_marker_cut_by_crop_warns_in_one_line(converted, capsys, monkeypatch, pad):
+    """The warning comes before the model loads; loading is stubbed out (the run above covers
+    generation) to keep the test fast."""
+    from vipllava_jax import modeling
+
+    def stop(*a, **k):
+        raise VipLlavaError("stopped before loading the model")
+
+    monkeypatch.setattr(modeling.VipLlavaForConditionalGeneration, "from_pretrained", stop)
+    _, root, image = converted
+    args = ["--model", str(root / "orbax"), "--image", str(image), "--prompt", QUESTION,
+            "--marker", "arrow", "--point", "2,20", "--marker-style", "random",
+            "--color", "255,128,0"] + (["--pad-to-square"] if pad else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("stopped before loading the model")
+    if pad:
+        assert len(err) == 1
+    else:
+        assert len(err) == 2 and err[0].startswith("vipllava-generate: warning:")
+        assert "arrow" in err[0] and "pad_to_square" in err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--box", "1,2,3,4"], "--box needs --marker"),
+    (["--save-marked", "x.png"], "--save-marked needs --marker"),
+    (["--marker", "rectangle"], "exactly one of --box"),
+    (["--marker", "point", "--box", "1,2,3,4", "--point", "2,2"], "exactly one of --box"),
+    (["--marker", "rectangle", "--box", "1,2,3"], "--box takes 4 comma-separated numbers"),
+    (["--marker", "point", "--point", "a,b"], "--point takes 2"),
+    (["--marker", "star", "--box", "1,2,3,4"], "unknown marker 'star'"),
+    (["--marker", "rectangle", "--box", "1,2,3,4", "--color", "pink"], "unknown colour 'pink'"),
+    (["--marker", "rectangle", "--box", "1,2,3,4", "--color", "1,2"], "--color takes 3"),
+    (["--marker", "rectangle", "--box", "1,2,3,4", "--marker-style", "odd"], "style"),
+    (["--marker", "rectangle", "--box", "10,10,60,30"], "not inside the 50x40 image"),
+    (["--marker", "rectangle", "--box", "10,10,20,20", "--save-marked", "/nonexistent/m.png"],
+     "nonexistent"),
+])
+def test_cli_bad_marker_flags_exit_2_in_one_line(converted, capsys, flags, message):
+    _, root, image = converted
+    args = ["--model", str(root / "orbax"), "--image", str(image), "--prompt", "hi", *flags]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vipllava-generate: error:") and message in err[0]

@@ -6,6 +6,7 @@ from vipllava_jax.modeling import VipLlavaForConditionalGeneration, VipLlavaOutp
 from vipllava_jax.processor import VipLlavaProcessor
 from vipllava_jax.prompts import build_prompt
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+from vipllava_jax.visual_prompts import MARKERS, VisualPrompt, VisualPromptError, draw_visual_prompt, draw_visual_prompts  # noqa: F401
 
 __all__ = [
     "CLIPVisionConfig",
