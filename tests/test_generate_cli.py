@@ -109,6 +109,7 @@ def test_cli_marker_cut_by_crop_warns_in_one_line(converted, capsys, monkeypatch
 @pytest.mark.parametrize("flags, message", [
     (["--box", "1,2,3,4"], "--box needs --marker"),
     (["--save-marked", "x.png"], "--save-marked needs --marker"),
+    (["--color", "blue"], "--color needs --marker"),
     (["--marker", "rectangle"], "exactly one of --box"),
     (["--marker", "point", "--box", "1,2,3,4", "--point", "2,2"], "exactly one of --box"),
     (["--marker", "rectangle", "--box", "1,2,3"], "--box takes 4 comma-separated numbers"),

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--marker", help="rectangle, ellipse, triangle, point, scribble, mask_contour, mask or arrow")
     g.add_argument("--box", help="the region as x0,y0,x1,y1 in pixels")
     g.add_argument("--point", help="the region as x,y in pixels (instead of --box)")
-    g.add_argument("--color", default="red", help="red, lime, blue, yellow, fuchsia, aqua, orange, purple, gold, or r,g,b")
+    g.add_argument("--color", help="(default red) red, lime, blue, yellow, fuchsia, aqua, orange, purple, gold, or r,g,b")
     g.add_argument("--marker-style", default="constant", help="constant (evaluation look, default) or random (training ranges, seeded by --seed)")
     g.add_argument("--save-marked", metavar="PATH", help="write the marked image here (PNG)")
     g.add_argument("--pad-to-square", action="store_true", help="pad the image to a square first, as the original ViP-LLaVA does, so no marker is cropped")
@@ -87,7 +87,8 @@ def _visual_prompt(args: argparse.Namespace):
 
     if args.marker is None:
         stray = [f for f, v in (("--box", args.box), ("--point", args.point),
-                                ("--save-marked", args.save_marked)) if v is not None]
+                                ("--color", args.color), ("--save-marked", args.save_marked))
+                 if v is not None]
         if stray:
             raise VipLlavaError(f"{stray[0]} needs --marker")
         return None
@@ -95,7 +96,7 @@ def _visual_prompt(args: argparse.Namespace):
         raise VipLlavaError("--marker needs exactly one of --box x0,y0,x1,y1 or --point x,y")
     box = _numbers("--box", args.box, 4) if args.box is not None else None
     point = _numbers("--point", args.point, 2) if args.point is not None else None
-    color = args.color
+    color = args.color or "red"
     if "," in color:
         color = _numbers("--color", color, 3)
         if not all(c.is_integer() for c in color):
