@@ -2,9 +2,10 @@
 
 The model is split once into a graph definition and two plain nested dicts of arrays:
 
-    params   the trainable parameters (stage "projector": the projector; stage "full": the
-             projector, the decoder and lm_head); the optimizer sees only these
-    frozen   the rest (always the vision tower); no gradients, no optimizer state
+    params   the trainable parameters (`STAGES`: stage "projector": the projector; "full": the
+             projector, the decoder and lm_head; "lora": the projector and the decoder's
+             LoRA adapters); the optimizer sees only these
+    frozen   the rest (the vision tower, except in stage "all"); no gradients, no optimizer state
 
 and the step is a pure function of those dicts, jitted with explicit shardings:
 
@@ -72,8 +73,8 @@ class TrainConfig:
       grad_accum: micro-batches per step; the global batch size must be a multiple.
       stage: "projector" (stage 1: projector only), "full" (stage 2: projector, decoder
         and lm_head) or "lora" (projector + LoRA adapters on the decoder's projections, the
-        decoder's own weights frozen: optimizer state and gradients only for the adapters).
-        The vision tower is frozen in all three.
+        decoder's own weights frozen: optimizer state and gradients only for the adapters),
+        all frozen vision tower; or "all" (everything, for a model trained from scratch).
       lora_rank, lora_alpha, lora_targets: the adapters of stage "lora": rank r, scale
         alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
