@@ -24,9 +24,12 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vipllava_jax.checkpoint.hf import is_weight_file, read_hf_params, write_hf_params
+from vipllava_jax.checkpoint.mapping import VIPLLAVA, KeyMapping
 from vipllava_jax.config import VipLlavaConfig
 from vipllava_jax.errors import CheckpointError
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
+from vipllava_jax.ved.config import MODEL_TYPE as VED_MODEL_TYPE
+from vipllava_jax.ved.config import read_model_type
 
 MARKER = "vipllava_jax.json"
 PARAMS_DIR = "params"
@@ -156,7 +159,15 @@ def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules
     path = Path(path)
     config = VipLlavaConfig.from_pretrained(path)
     param_dtype = jnp.dtype(param_dtype or dtype)
-    graphdef, state = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
+    abstract = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
+    return load_into(abstract, path, param_dtype=param_dtype, mesh=mesh, rules=rules,
+                     tied_head=config.text_config.tie_word_embeddings)
+
+
+def load_into(abstract, path: Path, *, param_dtype, mesh=None, rules=None, tied_head: bool,
+              mapping: KeyMapping = VIPLLAVA):
+    """An abstract model (`Model.abstract(...)`) filled from an Orbax or an HF folder."""
+    graphdef, state = nnx.split(abstract)
     flat = flat_state(state)
     if mesh is not None:
         shard_state = state_shardings(state, mesh, rules or LOGICAL_AXIS_RULES)
@@ -171,7 +182,7 @@ def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules
         arrays = restore_params(path / PARAMS_DIR, target)
     else:
         arrays = read_hf_params(
-            path, target, tied_head=config.text_config.tie_word_embeddings,
+            path, target, tied_head=tied_head, mapping=mapping,
             convert=lambda k, a: jax.device_put(np.asarray(a, param_dtype), target[k].sharding),
         )
     state = nnx.from_flat_state([(p, v.replace(arrays[k])) for k, (p, v) in flat.items()])
@@ -208,10 +219,15 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 
 def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Path:
-    """Converts an HF VipLlava folder to an Orbax folder; returns the destination."""
+    """Converts an HF VipLlava (or vision-encoder-decoder) folder to an Orbax folder; returns
+    the destination."""
     from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
 
     src, dst = Path(src), Path(dst)
+    if read_model_type(src) == VED_MODEL_TYPE:
+        from vipllava_jax.ved.checkpoint import ved_hf_to_orbax
+
+        return ved_hf_to_orbax(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
     config = VipLlavaConfig.from_pretrained(src)
     dtype = normalize_dtype(dtype or config.dtype)
     _, state = nnx.split(Model.abstract(config, param_dtype=dtype))
@@ -234,6 +250,10 @@ def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progres
     """Converts an Orbax folder, or a training run's output folder (its latest complete
     checkpoint), back to a folder transformers loads."""
     src, dst = Path(src), Path(dst)
+    if is_orbax_folder(src) and read_model_type(src) == VED_MODEL_TYPE:
+        from vipllava_jax.ved.checkpoint import ved_orbax_to_hf
+
+        return ved_orbax_to_hf(src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
     is_training_run = (src / "run_config.json").is_file()
     if not is_orbax_folder(src) and not is_training_run:
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")

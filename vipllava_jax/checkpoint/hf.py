@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from vipllava_jax.checkpoint.mapping import IGNORED_KEYS, canonical_key, hf_key_for, hf_shape
+from vipllava_jax.checkpoint.mapping import VIPLLAVA, KeyMapping, hf_shape
 from vipllava_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from vipllava_jax.errors import CheckpointError
 
@@ -98,25 +98,27 @@ def read_hf_params(
     tied_head: bool,
     convert: Callable[[str, np.ndarray], object] | None = None,
     progress: bool = False,
+    mapping: KeyMapping = VIPLLAVA,
 ) -> dict[str, object]:
     """Reads an HF folder into our parameter paths.
 
     Args:
       expected: our parameter path -> abstract array (the shapes to check against).
-      tied_head: the model ties lm_head to embed_tokens, so a stored head is skipped.
+      tied_head: the model ties its head to the embeddings, so a stored head is skipped.
       convert: applied to each tensor once it is in our layout (cast, device_put); each
         source tensor is released before the next is read, so memory peaks near one copy.
+      mapping: the model family's name table (default VipLlava's).
     """
     table = open_hf_weights(folder)
     wanted = {}
     for path, abstract in expected.items():
-        key, leaf = hf_key_for(path, len(abstract.shape))
+        key, leaf = mapping.hf_key_for(path, len(abstract.shape))
         wanted[key] = (path, leaf, hf_shape(leaf, abstract.shape))
     plan = []
     seen: dict[str, str] = {}
     for key, (shape, read) in table.items():
-        canon = canonical_key(key)
-        if IGNORED_KEYS.search(canon) or (tied_head and canon == "language_model.lm_head.weight"):
+        canon = mapping.canonical_key(key)
+        if mapping.ignored.search(canon) or (tied_head and canon in mapping.tied_keys):
             continue
         if canon not in wanted:
             raise CheckpointError(f"unexpected weight {key} in {folder}")
@@ -145,13 +147,14 @@ def write_hf_params(
     *,
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = False,
+    mapping: KeyMapping = VIPLLAVA,
 ) -> None:
     """Writes our parameters as transformers 5.x safetensors (sharded above max_shard_bytes)."""
     folder = Path(folder)
     entries = []
     for path in sorted(params):
         array = params[path]
-        key, leaf = hf_key_for(path, array.ndim)
+        key, leaf = mapping.hf_key_for(path, array.ndim)
         shape = hf_shape(leaf, array.shape)
         entries.append((key, shape, np.dtype(array.dtype), lambda a=array, leaf=leaf: leaf.to_hf(np.asarray(a))))
     shards, size = [[]], 0

@@ -89,3 +89,22 @@ def hf_key_for(path: str, ndim: int) -> tuple[str, Leaf]:
 def hf_shape(leaf: Leaf, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape HF stores for a parameter of ours of `shape` (no memory touched)."""
     return tuple(leaf.to_hf(np.broadcast_to(np.zeros((), np.int8), shape)).shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyMapping:
+    """One model family's name table, as the HF reader and writer use it.
+
+    hf_key_for: our parameter path, ndim -> canonical HF key, Leaf.
+    canonical_key: a stored HF key of any known layout -> its canonical key.
+    ignored: stored keys (canonical) that are buffers, skipped on read.
+    tied_keys: canonical keys of a head tied to the embeddings, skipped on read when tied.
+    """
+
+    hf_key_for: Callable[[str, int], tuple[str, Leaf]]
+    canonical_key: Callable[[str], str]
+    ignored: re.Pattern
+    tied_keys: tuple[str, ...]
+
+
+VIPLLAVA = KeyMapping(hf_key_for, canonical_key, IGNORED_KEYS, ("language_model.lm_head.weight",))
