@@ -1,0 +1,111 @@
+"""The synthetic visual-prompt task: deterministic files, disjoint splits, twins that differ."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from vipllava_jax import synthetic
+from vipllava_jax.synthetic import CATEGORIES, QUESTIONS, Scene, SceneObject, answer, write_dataset
+
+
+def _digest(folder):
+    """Hash of every file under `folder` (names and bytes)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _records(folder, split):
+    return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    counts = write_dataset(root / "a", train=30, val=10, test=40, seed=3)
+    return root, counts
+
+
+def test_same_seed_same_files_other_seed_other_files(dataset, tmp_path):
+    root, counts = dataset
+    assert counts == {"train": 30, "val": 10, "test": 40}
+    write_dataset(tmp_path / "b", train=30, val=10, test=40, seed=3)
+    assert _digest(root / "a") == _digest(tmp_path / "b")
+    write_dataset(tmp_path / "c", train=30, val=10, test=40, seed=4)
+    assert _records(root / "a", "test") != _records(tmp_path / "c", "test")
+
+
+def test_held_out_scenes_are_never_training_scenes(dataset, monkeypatch, tmp_path):
+    root, _ = dataset
+    # the generator redraws a held-out scene equal to a training one: force a collision
+    real = synthetic.random_scene
+    first_train = real(np.random.default_rng([0, 0]))
+    calls = iter(range(10**6))
+    monkeypatch.setattr(synthetic, "random_scene",
+                        lambda rng: first_train if next(calls) in (0, 1) else real(rng))
+    seen: set = set()
+    synthetic.generate_split(tmp_path, "train", 1, 0, seen)  # call 0: the train scene
+    records = synthetic.generate_split(tmp_path, "test", 2, 0, seen)  # call 1 collides: redrawn
+    assert len(records) == 2 and len(seen) == 2
+    # and in the written files: no held-out image equals a training one, scene by scene
+    train_images = {(root / "a" / r["image"]).read_bytes() for r in _records(root / "a", "train")}
+    for split in ("val", "test"):
+        for r in _records(root / "a", split):
+            assert (root / "a" / r["image"]).read_bytes() not in train_images
+
+
+def test_every_test_scene_has_a_twin_marked_elsewhere(dataset):
+    root, _ = dataset
+    test = _records(root / "a", "test")
+    by_id = {r["id"]: r for r in test}
+    assert len(test) == 40 and len({r["pair"] for r in test}) == 20
+    assert {r["category"] for r in test} == set(CATEGORIES)
+    differ = 0
+    for r in test:
+        twin = by_id[r["twin"]]
+        assert twin["twin"] == r["id"] and twin["pair"] == r["pair"]
+        assert twin["marked"] != r["marked"]
+        assert (twin["marker"], twin["marker_color"], twin["category"]) == (
+            r["marker"], r["marker_color"], r["category"])
+        assert r["conversations"][0]["value"] == "<image>\n" + QUESTIONS[r["category"]]
+        differ += twin["conversations"][1]["value"] != r["conversations"][1]["value"]
+    assert differ >= 0.8 * len(test)  # answers differ unless the scene allows no other answer
+
+
+def test_train_records_ask_all_five_questions(dataset):
+    root, _ = dataset
+    for r in _records(root / "a", "train"):
+        conv = r["conversations"]
+        assert conv[0]["value"].startswith("<image>\n")
+        asked = {m["value"].removeprefix("<image>\n") for m in conv[::2]}
+        assert asked == set(QUESTIONS.values())
+
+
+def test_answers_follow_the_marked_object():
+    objs = tuple(SceneObject(shape, color, (i * 42 + 5, 10, i * 42 + 30, 35)) for i, (shape, color)
+                 in enumerate([("circle", "white"), ("square", "black"), ("triangle", "white")]))
+    scene = Scene(objs)
+    assert [answer(scene, i, "color") for i in range(3)] == ["white", "black", "white"]
+    assert [answer(scene, i, "shape") for i in range(3)] == ["circle", "square", "triangle"]
+    assert [answer(scene, i, "left") for i in range(3)] == ["none", "circle", "square"]
+    assert [answer(scene, i, "right") for i in range(3)] == ["black", "white", "none"]
+    assert [answer(scene, i, "count") for i in range(3)] == ["two", "one", "two"]
+
+
+def test_tokenizer_covers_both_templates_without_unk(dataset):
+    from transformers import AutoTokenizer
+
+    from vipllava_jax.prompts import build_prompt
+
+    tok = AutoTokenizer.from_pretrained(dataset[0] / "a" / "tokenizer")
+    assert tok.convert_ids_to_tokens(list(range(5))) == ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    for template in ("vipllava", "llava_v1"):
+        for q in QUESTIONS.values():
+            for a in (*synthetic.OBJECT_COLORS, *synthetic.SHAPES, "three", "none"):
+                ids = tok(build_prompt([(q, a), ("x", None)], template=template))["input_ids"]
+                assert ids.count(tok.unk_token_id) == 1, tok.convert_ids_to_tokens(ids)  # the "x"
+    assert tok.decode(tok("white###", add_special_tokens=False)["input_ids"]) == "white ###"

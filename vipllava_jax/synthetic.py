@@ -1,0 +1,362 @@
+"""A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
+
+Each scene holds three coloured shapes on a plain background, one per column of the image;
+one object is marked with a ViP-LLaVA marker (`visual_prompts`: any of the eight types, any
+of its colour names) and the questions can only be answered by finding the marked object:
+
+    color   What color is the marked object?                         white|black|gray|brown
+    shape   What shape is the marked object?                         circle|square|triangle
+    left    What shape is left of the marked object?                 a shape, or none
+    right   What color is right of the marked object?                a colour, or none
+    count   How many objects have the same color as the marked object?   one|two|three
+
+Object colours are neutral (white, black, gray, brown) and the marker colours saturated, so a
+marker is never mistaken for an object. Splits (LLaVA-format JSONL + PNG, the format
+`training.data` reads, plus `category`):
+
+- train: one record per scene with all five questions as a multi-turn conversation in random
+  order (five answers per image for the cost of one vision pass), markers in the training
+  ranges (`style="random"`).
+- val, test: one question per record, markers in the evaluation style (`"constant"`). Every
+  scene comes twice with the same question and marker, on two different objects chosen so the
+  answers differ when the scene allows it (`pair` names the scene, `twin` the other record):
+  a model that ignores the marker cannot get both right.
+
+Scenes are drawn from `np.random.default_rng([seed, split])`, so a seed gives the same files;
+a val/test scene equal to a train scene (or to one of another held-out split) is redrawn, so
+held-out scenes are never seen in training.
+
+    python -m vipllava_jax.synthetic --out DIR --train 20000 --val 200 --test 400 --seed 0
+
+writes DIR/{train,val,test}.jsonl, DIR/images/{split}/*.png and DIR/tokenizer/ (`make_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+
+IMAGE_SIZE = 128
+NUM_OBJECTS = 3  # one per column, so "left of" and "right of" are never ambiguous
+OBJECT_SIZE = (22, 32)  # side range in pixels
+BACKGROUND = (200, 210, 190)
+OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+    "gray": (128, 128, 128),
+    "brown": (130, 75, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+NONE = "none"
+
+QUESTIONS: dict[str, str] = {
+    "color": "What color is the marked object?",
+    "shape": "What shape is the marked object?",
+    "left": "What shape is left of the marked object?",
+    "right": "What color is right of the marked object?",
+    "count": "How many objects have the same color as the marked object?",
+}
+CATEGORIES = tuple(QUESTIONS)
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive), pixels
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]  # left to right (one per column)
+
+    def key(self) -> tuple:
+        """Identifies the scene's content (what 'never seen in training' compares)."""
+        return tuple((o.shape, o.color, o.box) for o in self.objects)
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    """Three objects, one per column of the image, at random sizes and heights."""
+    col = IMAGE_SIZE // NUM_OBJECTS
+    objects = []
+    for i in range(NUM_OBJECTS):
+        side = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
+        x0 = i * col + int(rng.integers(2, col - side - 1))
+        y0 = int(rng.integers(4, IMAGE_SIZE - side - 4))
+        objects.append(SceneObject(
+            shape=SHAPES[int(rng.integers(len(SHAPES)))],
+            color=tuple(OBJECT_COLORS)[int(rng.integers(len(OBJECT_COLORS)))],
+            box=(x0, y0, x0 + side, y0 + side),
+        ))
+    return Scene(tuple(objects))
+
+
+def _draw_shape(draw: PIL.ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    x0, y0, x1, y1 = obj.box
+    if obj.shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=fill)
+    else:
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+
+
+def render_scene(scene: Scene) -> PIL.Image.Image:
+    """The unmarked scene, an RGB image of IMAGE_SIZE x IMAGE_SIZE."""
+    image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = PIL.ImageDraw.Draw(image)
+    for obj in scene.objects:
+        _draw_shape(draw, obj, OBJECT_COLORS[obj.color])
+    return image
+
+
+def object_mask(obj: SceneObject) -> np.ndarray:
+    """[H, W] bool: the object's pixels (what the mask markers outline or fill)."""
+    layer = PIL.Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_shape(PIL.ImageDraw.Draw(layer), obj, 255)
+    return np.asarray(layer) > 0
+
+
+def answer(scene: Scene, marked: int, category: str) -> str:
+    """The answer to `category`'s question when object `marked` (left to right) is marked."""
+    objs = scene.objects
+    obj = objs[marked]
+    if category == "color":
+        return obj.color
+    if category == "shape":
+        return obj.shape
+    if category == "left":
+        return objs[marked - 1].shape if marked > 0 else NONE
+    if category == "right":
+        return objs[marked + 1].color if marked + 1 < len(objs) else NONE
+    if category == "count":
+        return COUNT_WORDS[sum(o.color == obj.color for o in objs)]
+    raise ValueError(f"unknown category {category!r} (known: {CATEGORIES})")
+
+
+def marker_prompt(scene: Scene, marked: int, marker: str, color: str, style: str, seed: int):
+    """The `VisualPrompt` marking object `marked`: its box (padded, for the box markers) and
+    its exact mask (for the mask markers, scribble and point)."""
+    from vipllava_jax.visual_prompts import VisualPrompt
+
+    obj = scene.objects[marked]
+    x0, y0, x1, y1 = obj.box
+    pad = 3
+    box = (max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, IMAGE_SIZE), min(y1 + pad, IMAGE_SIZE))
+    return VisualPrompt(marker=marker, box=box, mask=object_mask(obj), color=color,
+                        style=style, seed=seed)
+
+
+def marked_image(scene: Scene, marked: int, marker: str, color: str, style: str, seed: int):
+    from vipllava_jax.visual_prompts import draw_visual_prompt
+
+    return draw_visual_prompt(render_scene(scene), marker_prompt(scene, marked, marker, color, style, seed))
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+def _scenes(rng: np.random.Generator, n: int, seen: set) -> Iterator[Scene]:
+    """`n` scenes whose content is not in `seen` (which they are added to)."""
+    made = 0
+    while made < n:
+        scene = random_scene(rng)
+        if scene.key() in seen:
+            continue
+        seen.add(scene.key())
+        made += 1
+        yield scene
+
+
+def _conversation(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    out = []
+    for i, (q, a) in enumerate(turns):
+        out.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
+        out.append({"from": "gpt", "value": a})
+    return out
+
+
+def _twin_object(scene: Scene, marked: int, category: str, rng: np.random.Generator) -> int:
+    """Another object to mark, one whose answer differs from `marked`'s when there is one."""
+    others = [i for i in range(len(scene.objects)) if i != marked]
+    differ = [i for i in others if answer(scene, i, category) != answer(scene, marked, category)]
+    pool = differ or others
+    return pool[int(rng.integers(len(pool)))]
+
+
+def generate_split(out: Path, split: str, n: int, seed: int, seen: set) -> list[dict]:
+    """Writes `n` records of `split` (held-out splits: n // 2 scenes, twice each) and their PNGs.
+
+    Returns the records, also written to `out/{split}.jsonl`.
+    """
+    from vipllava_jax.visual_prompts import COLORS, MARKERS
+
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    image_dir = out / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    colors = tuple(COLORS)
+    records = []
+    held_out = split != "train"
+    n_scenes = n // 2 if held_out else n
+    for i, scene in enumerate(_scenes(rng, n_scenes, seen)):
+        marker = MARKERS[int(rng.integers(len(MARKERS)))]
+        color = colors[int(rng.integers(len(colors)))]
+        marker_seed = int(rng.integers(2**31))
+        if not held_out:
+            marked = int(rng.integers(NUM_OBJECTS))
+            name = f"{split}-{i:06d}"
+            marked_image(scene, marked, marker, color, "random", marker_seed).save(image_dir / f"{name}.png")
+            order = rng.permutation(len(CATEGORIES))
+            turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
+            records.append({"id": name, "image": f"images/{split}/{name}.png",
+                            "conversations": _conversation(turns), "category": "all",
+                            "marker": marker, "marker_color": color, "marked": marked})
+            continue
+        category = CATEGORIES[i % len(CATEGORIES)]  # balanced categories
+        first = int(rng.integers(NUM_OBJECTS))
+        second = _twin_object(scene, first, category, rng)
+        pair = f"{split}-{i:06d}"
+        for tag, marked, other in (("a", first, "b"), ("b", second, "a")):
+            name = f"{pair}{tag}"
+            marked_image(scene, marked, marker, color, "constant", marker_seed).save(image_dir / f"{name}.png")
+            records.append({
+                "id": name, "image": f"images/{split}/{name}.png",
+                "conversations": _conversation([(QUESTIONS[category], answer(scene, marked, category))]),
+                "category": category, "pair": pair, "twin": f"{pair}{other}",
+                "marker": marker, "marker_color": color, "marked": marked,
+            })
+    with open(out / f"{split}.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def write_dataset(out: str | Path, *, train: int, val: int, test: int, seed: int = 0) -> dict[str, int]:
+    """Writes the three splits and the task's tokenizer to `out`; returns records per split."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    seen: set = set()  # train first: the held-out splits avoid its scenes and each other's
+    counts = {}
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        counts[split] = len(generate_split(out, split, n, seed, seen))
+    make_tokenizer(out / "tokenizer")
+    return counts
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<image>")
+# Words and punctuation pieces apart; "###" (the vipllava template's separator) stays one token.
+PRE_TOKENIZER_PATTERN = r"###|\w+|[^\w\s]"
+
+
+def task_vocabulary() -> list[str]:
+    """Every word piece of the task's prompts (both chat templates) and answers."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from vipllava_jax.prompts import TEMPLATES, build_prompt
+
+    pre = pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated")
+    answers = [*OBJECT_COLORS, *SHAPES, *COUNT_WORDS, NONE]
+    texts = [build_prompt([(q, a) for q in QUESTIONS.values()] + [("", None)], template=t)
+             for t in TEMPLATES for a in answers[:1]] + answers
+    words = []
+    for text in texts:
+        for piece, _ in pre.pre_tokenize_str(text.replace("<image>", " ").replace("</s>", " ")):
+            if piece.strip() and piece not in words:
+                words.append(piece)
+    return words
+
+
+def make_tokenizer(path: str | Path):
+    """A word-level tokenizer for the task, saved in transformers' format to `path`.
+
+    Ids: `<unk>` 0, `<s>` 1, `</s>` 2, `<pad>` 3, `<image>` 4, then the task's words. `<s>` is
+    prepended as Llama's tokenizer does. Returns the `PreTrainedTokenizerFast`.
+    """
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in task_vocabulary():
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated"),
+    ])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    # no decoder: tokens decode joined by spaces ("white ###")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", additional_special_tokens=["<image>"],
+    )
+    fast.save_pretrained(path)
+    return fast
+
+
+# -- the tiny model ----------------------------------------------------------------------------
+
+def tiny_config(vocab_size: int):
+    """The tiny VipLlava that learns this task: CLIP-style tower 128 px / patch 16 (64 image
+    tokens), hidden 128, 3 layers; Llama decoder hidden 128, 3 layers."""
+    from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
+
+    return VipLlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=16, projection_dim=64,
+        ),
+        text_config=TextConfig(
+            vocab_size=-(-vocab_size // 16) * 16, hidden_size=128, intermediate_size=384,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+            max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+            pad_token_id=3,
+        ),
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_layer=(-1, -3, 0),
+    )
+
+
+def init_model(path: str | Path, tokenizer_dir: str | Path, *, seed: int = 0) -> Path:
+    """Writes a randomly initialised tiny model (Orbax folder + tokenizer files) to `path`."""
+    import shutil
+
+    from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+
+    tokenizer_dir, path = Path(tokenizer_dir), Path(path)
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    model = VipLlavaForConditionalGeneration.from_config(tiny_config(len(vocab)), seed=seed)
+    model.save_pretrained(path, overwrite=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, path / f.name)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vipllava_jax.synthetic",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--train", type=int, default=20000, help="train records (one scene each)")
+    p.add_argument("--val", type=int, default=200, help="val records (twins: n/2 scenes)")
+    p.add_argument("--test", type=int, default=400, help="test records (twins: n/2 scenes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-model", metavar="DIR", help="also write a random tiny model here")
+    args = p.parse_args(argv)
+    counts = write_dataset(args.out, train=args.train, val=args.val, test=args.test, seed=args.seed)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()), f"-> {args.out}")
+    if args.init_model:
+        print(f"random tiny model -> {init_model(args.init_model, Path(args.out) / 'tokenizer')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
