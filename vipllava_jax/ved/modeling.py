@@ -40,6 +40,7 @@ class VedOutput:
 
 def shift_tokens_right(labels: jax.Array, pad_token_id: int, decoder_start_token_id: int) -> jax.Array:
     """`[start, labels[:, :-1]]` with -100 replaced by the pad id (transformers' function)."""
+    labels = jnp.asarray(labels)
     shifted = jnp.concatenate(
         [jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype), labels[:, :-1]], axis=1
     )

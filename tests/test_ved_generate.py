@@ -1,0 +1,101 @@
+"""VED generate: greedy and beam-search tokens equal transformers' `generate`.
+
+The EOS id of each test is picked from transformers' own output (the token its greedy captions
+use most), so that captions really finish early and the finished-beam bookkeeping is exercised.
+Settings that only change arrays (length_penalty, early_stopping, EOS id) share one compiled
+program, which keeps this file fast.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_ved_parity import PAD, START, VOCAB, hf_veds, images  # noqa: F401 (fixture)
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.ved import VisionEncoderDecoderModel
+
+MAX_NEW = 10
+
+
+def hf_generate(hf, px, **kw) -> np.ndarray:
+    with torch.no_grad():
+        return hf.generate(torch.tensor(px), max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=PAD,
+                           decoder_start_token_id=START, **kw).numpy()
+
+
+def frequent_token(hf, px) -> int:
+    """The token transformers' greedy captions use most (EOS never hit: an id out of vocab)."""
+    captions = hf_generate(hf, px, eos_token_id=VOCAB + 5)[:, 1:]
+    return int(np.bincount(captions.reshape(-1), minlength=VOCAB).argmax())
+
+
+@pytest.fixture(scope="module")
+def gpt2(hf_veds):
+    hf, path = hf_veds("vit_gpt2")
+    px = images(batch=3, seed=1)
+    return hf, VisionEncoderDecoderModel.from_pretrained(path), px, frequent_token(hf, px)
+
+
+def check(hf, ours, px, **kw):
+    ref = hf_generate(hf, px, **kw)
+    got = ours.generate(px, max_new_tokens=MAX_NEW, pad_token_id=PAD, decoder_start_token_id=START, **kw)
+    np.testing.assert_array_equal(got, ref)
+    return ref
+
+
+def test_greedy_gpt2(gpt2):
+    hf, ours, px, eos = gpt2
+    ref = check(hf, ours, px, eos_token_id=eos)
+    assert (ref[:, 1:] == eos).any(), "EOS should end some caption early"
+    check(hf, ours, px, eos_token_id=[eos, 3])  # several EOS ids, same program
+
+
+def test_greedy_no_repeat_ngram(gpt2):
+    hf, ours, px, eos = gpt2
+    check(hf, ours, px, eos_token_id=eos, no_repeat_ngram_size=2)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(length_penalty=1.0, early_stopping=False),
+    dict(length_penalty=0.5, early_stopping=True),
+    dict(length_penalty=2.0, early_stopping="never"),
+    dict(length_penalty=-1.0, early_stopping=False),
+], ids=["default", "lp0.5-early", "lp2-never", "lp-1"])
+def test_beam_search_gpt2(gpt2, kw):
+    hf, ours, px, eos = gpt2
+    check(hf, ours, px, num_beams=3, eos_token_id=eos, **kw)
+
+
+def test_beam_search_no_repeat_ngram(gpt2):
+    hf, ours, px, eos = gpt2
+    check(hf, ours, px, num_beams=3, eos_token_id=eos, no_repeat_ngram_size=2, length_penalty=0.7)
+
+
+def test_bert_decoder_greedy_and_beams(hf_veds):
+    hf, path = hf_veds("vit_bert_proj")
+    ours = VisionEncoderDecoderModel.from_pretrained(path)
+    px = images(batch=2, seed=2)
+    eos = frequent_token(hf, px)
+    check(hf, ours, px, eos_token_id=eos)
+    check(hf, ours, px, num_beams=4, eos_token_id=eos, early_stopping=True)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(gpt2):
+    _, ours, px, eos = gpt2
+    kw = dict(max_new_tokens=MAX_NEW, eos_token_id=eos, pad_token_id=PAD, decoder_start_token_id=START)
+    a = ours.generate(px, do_sample=True, seed=3, **kw)
+    np.testing.assert_array_equal(a, ours.generate(px, do_sample=True, seed=3, **kw))
+    greedy = ours.generate(px, **kw)
+    np.testing.assert_array_equal(ours.generate(px, do_sample=True, top_k=1, seed=4, **kw), greedy)
+
+
+def test_bad_generate_arguments(gpt2):
+    _, ours, px, _ = gpt2
+    with pytest.raises(VipLlavaError, match="max_new_tokens"):
+        ours.generate(px, max_new_tokens=64)
+    with pytest.raises(VipLlavaError, match="beam sampling"):
+        ours.generate(px, num_beams=2, do_sample=True)
+    with pytest.raises(VipLlavaError, match="early_stopping"):
+        ours.generate(px, num_beams=2, early_stopping="sometimes")
