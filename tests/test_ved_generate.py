@@ -97,5 +97,7 @@ def test_bad_generate_arguments(gpt2):
         ours.generate(px, max_new_tokens=64)
     with pytest.raises(VipLlavaError, match="beam sampling"):
         ours.generate(px, num_beams=2, do_sample=True)
+    with pytest.raises(VipLlavaError, match="decoder_start_token_id"):
+        ours.generate(px, decoder_start_token_id=VOCAB)
     with pytest.raises(VipLlavaError, match="early_stopping"):
         ours.generate(px, num_beams=2, early_stopping="sometimes")

@@ -114,6 +114,20 @@ def test_decoder_inputs_and_attention_mask(hf_veds):
     assert np.abs(ours - ref)[keep].max() <= ATOL
 
 
+def test_sharded_restore_on_a_mesh(hf_veds):
+    """Parameters restored straight onto a data x fsdp x tensor mesh by the logical axis rules."""
+    from vipllava_jax.sharding import make_mesh
+
+    hf, path = hf_veds("vit_bert_proj")
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = VisionEncoderDecoderModel.from_pretrained(path, mesh=mesh)
+    kernel = model.decoder.bert.encoder.layer[0].intermediate.dense.kernel[...]
+    assert tuple(kernel.sharding.spec) == ("fsdp", "tensor")  # ("embed", "mlp")
+    px, labels = images(), caption_labels()
+    ref = torch_out(hf, pixel_values=px, labels=labels)
+    assert np.abs(np.asarray(model(px, labels=labels).logits) - ref.logits.numpy()).max() <= ATOL
+
+
 def test_shift_tokens_right_matches_transformers():
     from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import (
         shift_tokens_right as hf_shift,

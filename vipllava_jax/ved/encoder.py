@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vipllava_jax.layers import DType, LayerNorm, activation, attention, linear
+from vipllava_jax.layers import DType, LayerNorm, attention, linear
 from vipllava_jax.ved.config import ViTConfig
+from vipllava_jax.ved.layers import ved_activation
 
 
 class ViTPatchEmbeddings(nnx.Module):
@@ -100,7 +101,7 @@ class ViTLayer(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.act = activation(cfg.hidden_act)
+        self.act = ved_activation(cfg.hidden_act)
         self.layernorm_before = LayerNorm(cfg.hidden_size, **norm)
         self.attention = ViTAttention(cfg, **kw)
         self.layernorm_after = LayerNorm(cfg.hidden_size, **norm)
