@@ -225,3 +225,18 @@ def test_projector_stage_in_bf16_compute_with_fp32_master_weights(tiny, referenc
             assert not np.array_equal(value, before[name]), f"{name} was not trained"
         else:
             np.testing.assert_array_equal(value, before[name], err_msg=f"{name} is frozen")
+
+
+@needs_8
+def test_activations_are_pinned_to_the_batch_axes(tiny):
+    """Each decoder and vision layer's output is constrained to rows over the data axes (the
+    `batch` rule), hidden dimension whole: XLA may not drift into a replicated batch."""
+    _, path, inputs = tiny
+    mesh = mesh_from_spec("fsdp=4,tensor=2")
+    model = VipLlavaForConditionalGeneration.from_pretrained(path)
+    layers = len(model.language_model.layers)
+    graphdef, state, shardings = init_train_state(model, CONFIG, mesh)
+    text = make_train_step(graphdef, CONFIG, mesh, shardings).lower(state, shard_batch(inputs, mesh)).as_text()
+    residual = [line for line in text.splitlines()
+                if "sharding_constraint" in line and '[{"data", "fsdp"}, {}, {}]' in line]
+    assert len(residual) >= 2 * layers, text[:2000]  # forward and its transpose in the backward

@@ -13,6 +13,7 @@ from flax import nnx
 
 from vipllava_jax.config import CLIPVisionConfig
 from vipllava_jax.layers import DType, LayerNorm, activation, attention, linear
+from vipllava_jax.sharding import constrain
 
 
 class CLIPEmbeddings(nnx.Module):
@@ -120,6 +121,6 @@ class CLIPVisionModel(nnx.Module):
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x}
         for i in range(max(wanted)):
-            x = self.encoder.layers[i](x)
+            x = constrain(self.encoder.layers[i](x), ("batch", "seq", None))
             states[i + 1] = x
         return [states[i] for i in wanted]

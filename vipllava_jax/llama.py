@@ -15,6 +15,11 @@ from vipllava_jax.config import TextConfig
 from vipllava_jax.layers import (
     DType, RMSNorm, activation, apply_rope, attention, cached_attention, linear, rope_cos_sin,
 )
+from vipllava_jax.sharding import constrain
+
+# The residual stream `[batch, seq, embed]` between layers: rows over the data axes, the
+# hidden dimension whole (the `embed` rule shards parameters, not activations).
+RESIDUAL = ("batch", "seq", None)
 
 # One (keys, values) pair per layer, each [B, K, S, H] (heads-major), S = the cache length.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
@@ -134,6 +139,7 @@ class LlamaModel(nnx.Module):
         x = inputs_embeds
         for layer in self.layers:
             x, _ = layer(x, cos, sin, mask)
+            x = constrain(x, RESIDUAL)
         return self.norm(x)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
@@ -159,6 +165,7 @@ class LlamaModel(nnx.Module):
         x, new_cache = inputs_embeds, []
         for layer, kv in zip(self.layers, cache, strict=True):
             x, kv = layer(x, cos, sin, mask, kv, index)
+            x = constrain(x, RESIDUAL)
             new_cache.append(kv)
         return self.norm(x), tuple(new_cache)
 

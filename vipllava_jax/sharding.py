@@ -67,6 +67,20 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> n
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def constrain(x: jax.Array, names: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
+    """Pins activation `x` to the sharding its logical axis `names` give on the current mesh.
+
+    The mesh is the one in context (`jax.set_mesh`, or `use_abstract_mesh` as the train step
+    sets inside its trace); without one this is a no-op, so single-device code and generation
+    are unchanged. Used at layer boundaries so XLA's propagation cannot drift, e.g. into
+    replicating the batch after an FSDP all-gather.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
 def make_mesh(axes: dict[str, int]) -> Mesh:
     """A mesh with Auto axes, e.g. `make_mesh({'data': 2, 'fsdp': 4})`."""
     names = tuple(axes)

@@ -332,10 +332,11 @@ def make_train_step(
     schedule = learning_rate_schedule(config)
 
     def train_step(state: TrainState, batch: Batch):
-        loss, grads, tokens = loss_and_grads(
-            graphdef, state.params, state.frozen, batch, grad_accum=config.grad_accum,
-            remat=config.remat, mesh=mesh, param_shardings=shardings.params,
-        )
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations: `constrain`
+            loss, grads, tokens = loss_and_grads(
+                graphdef, state.params, state.frozen, batch, grad_accum=config.grad_accum,
+                remat=config.remat, mesh=mesh, param_shardings=shardings.params,
+            )
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
