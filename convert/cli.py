@@ -1,4 +1,4 @@
-"""`vipllava-convert`: HF VipLlava folder <-> Orbax folder. The logic is in vipllava_jax.checkpoint."""
+"""`vipllava-convert`: HF VipLlava or vision-encoder-decoder folder <-> Orbax folder (dispatched on config.json's model_type). The logic is in vipllava_jax.checkpoint."""
 
 from __future__ import annotations
 
