@@ -1,4 +1,7 @@
-"""`vipllava-convert`: HF VipLlava or vision-encoder-decoder folder <-> Orbax folder (dispatched on config.json's model_type). The logic is in vipllava_jax.checkpoint."""
+"""`vipllava-convert`: HF VipLlava or vision-encoder-decoder folder <-> Orbax folder.
+
+The folder's config.json model_type picks the model; the logic is in vipllava_jax.checkpoint.
+"""
 
 from __future__ import annotations
 
