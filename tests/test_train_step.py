@@ -122,9 +122,11 @@ def test_learning_rate_schedule_and_config_checks():
 
 
 def test_micro_batches_are_strided_and_images_follow_their_rows():
-    batch = {"input_ids": np.arange(8)[:, None] * np.ones((1, 3), int), "pixel_values": np.arange(16)}
+    rows = np.arange(8)[:, None] * np.ones((1, 3), int)
+    batch = {"input_ids": rows, "labels": rows, "pixel_values": np.arange(16)}
     micro = _micro_batches(batch, 4)  # two images per row: row r has images 2r, 2r+1
     np.testing.assert_array_equal(micro["input_ids"][:, :, 0], [[0, 4], [1, 5], [2, 6], [3, 7]])
+    np.testing.assert_array_equal(micro["labels"], micro["input_ids"])
     np.testing.assert_array_equal(micro["pixel_values"][1], [2, 3, 10, 11])
 
 

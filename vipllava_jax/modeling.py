@@ -71,10 +71,12 @@ def merge_image_features(
     return jnp.where(counts_agree, merged, jnp.nan)
 
 
-def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token negative log-likelihood and the number of tokens counted.
+def token_nll(logits: jax.Array, labels: jax.Array, *, shift: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Summed token negative log-likelihood and the number of tokens counted.
 
-    Position t predicts labels[t+1]; labels equal to -100 are not counted. Float32.
+    With `shift` (decoder-only models, transformers' causal LM loss) position t predicts
+    labels[t+1]; without (encoder-decoders, whose decoder input is the labels shifted right)
+    position t predicts labels[t]. Labels equal to -100 are not counted. Float32.
 
     Args:
       logits: `[B, T, V]`, any float dtype.
@@ -82,8 +84,10 @@ def token_nll(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Arra
     Returns:
       (sum of -log p over counted tokens, count), float32 scalars.
     """
-    logits = logits[:, :-1].astype(jnp.float32)  # [B, T-1, V]
-    targets = labels[:, 1:]  # [B, T-1]
+    logits = logits.astype(jnp.float32)
+    targets = labels
+    if shift:
+        logits, targets = logits[:, :-1], labels[:, 1:]  # [B, T-1, V], [B, T-1]
     counted = targets != IGNORE_INDEX
     safe = jnp.where(counted, targets, 0)
     target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # [B, T-1]
@@ -246,6 +250,13 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         logits = self.logits_from_hidden(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VipLlavaOutput(logits=logits, loss=loss)
+
+    def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """What the train step needs of a batch (`training.step`): (summed next-token NLL,
+        counted tokens), so that the mean is taken once over the whole global batch."""
+        out = self.forward(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
+                           batch.get("position_ids"))
+        return token_nll(out.logits, batch["labels"])
 
 
     # -- generation ----------------------------------------------------------------------------

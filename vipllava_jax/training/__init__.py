@@ -1,5 +1,6 @@
 """Training: the mesh, the sharded train state and the jitted train step."""
 
+from vipllava_jax.modeling import token_nll
 from vipllava_jax.training.lora import LoRALinear, LoRAParam, add_lora, merge_lora
 from vipllava_jax.training.mesh import (
     MESH_AXES, batch_sharding, data_parallel_size, data_sharding, mesh_from_spec, parse_mesh_spec,
@@ -7,7 +8,7 @@ from vipllava_jax.training.mesh import (
 )
 from vipllava_jax.training.step import (
     REMAT_POLICIES, STAGES, TrainConfig, TrainState, init_train_state, learning_rate_schedule,
-    loss_and_grads, make_optimizer, make_train_step, merge_model, token_nll,
+    loss_and_grads, make_optimizer, make_train_step, merge_model,
 )
 
 __all__ = [

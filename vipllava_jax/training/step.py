@@ -17,8 +17,10 @@ and the step is a pure function of those dicts, jitted with explicit shardings:
 Dividing by the global token count once, at the end, makes the loss and the gradients the
 same for any device count and any number of micro-batches (up to float summation order).
 
-Batches are dicts of arrays: `input_ids`, `labels`, `attention_mask` [B, T] and optionally
-`pixel_values` [B*k, 3, H, W] (k images per row, the same for every row) and `position_ids`.
+Batches are dicts of arrays with `labels` [B, T] (-100 = not counted) and whatever the model's
+`loss_terms(batch) -> (summed NLL, counted tokens)` reads: for VipLlava `input_ids`,
+`attention_mask` [B, T] and optionally `pixel_values` [B*k, 3, H, W] (k images per row, the
+same for every row) and `position_ids`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vipllava_jax.modeling import token_nll
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
 from vipllava_jax.training import lora
 from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
@@ -230,7 +231,7 @@ def _micro_batches(batch: Batch, grad_accum: int) -> Batch:
     blocks, every device then holds its share of every micro-batch (no resharding, as long as
     the data axes divide B/A). Image arrays `[B*k, ...]` follow their rows (k images each).
     """
-    b = batch["input_ids"].shape[0]
+    b = batch["labels"].shape[0]
     if b % grad_accum:
         raise ValueError(f"batch size {b} is not a multiple of grad_accum={grad_accum}")
 
@@ -271,10 +272,7 @@ def loss_and_grads(
     def summed_loss(params, mb):
         model = nnx.merge(graphdef, params, frozen)
         _remat_decoder_layers(model, remat)
-        out = model.forward(
-            mb["input_ids"], mb.get("pixel_values"), mb.get("attention_mask"), mb.get("position_ids")
-        )
-        return token_nll(out.logits, mb["labels"])  # (sum, count)
+        return model.loss_terms(mb)  # (summed NLL, counted tokens)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
