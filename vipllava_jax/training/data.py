@@ -340,13 +340,11 @@ class _InlineExecutor:
         pass
 
 
-class TrainDataLoader:
-    """Static-shape training batches from a LLaVA-format dataset; see the module docstring.
-
-    Iterating yields dicts of numpy arrays `input_ids`, `attention_mask`, `labels` [B, L] int32
-    and `pixel_values` [B, 3, H, W] float32 (B = `batch_size`, L = `max_length`). Iteration
-    starts at the loader's current position; breaking out and iterating again continues after
-    the last batch yielded. A final partial batch of a finite run is dropped.
+class RecordLoader:
+    """Static-shape batches from a JSON/JSONL annotation file + an image folder: the order,
+    host shares, resumable position, worker threads and skip counting that every record
+    format shares. Subclasses say how a record becomes a row (`load_record`) and rows a
+    batch (`_collate`).
 
     Attributes:
         stats: counters for this host: `examples` (records used), `batches`, `truncated`
@@ -359,11 +357,9 @@ class TrainDataLoader:
         self,
         annotations: str | Path,
         image_folder: str | Path | None,
-        processor: VipLlavaProcessor,
         *,
         batch_size: int,
         max_length: int,
-        template: str = "vipllava",
         seed: int = 0,
         shuffle: bool = True,
         num_epochs: int | None = None,
@@ -373,31 +369,7 @@ class TrainDataLoader:
         prefetch: int | None = None,
         strict: bool = False,
     ):
-        """Reads the annotations (not the images) and checks the arguments.
-
-        Args:
-            annotations: a JSON list or JSONL file of LLaVA records.
-            image_folder: the folder `record["image"]` is relative to (default: the
-                annotation file's folder).
-            processor: tokenizer, image token expansion and image preprocessing.
-            batch_size: rows per batch on this host.
-            max_length: L, the padded (and truncated) sequence length.
-            template: "vipllava" (the model card's format) or "llava_v1" (ViP-LLaVA's).
-            seed: shuffling seed; the order of epoch e depends on (seed, e) only.
-            shuffle: False keeps the file order.
-            num_epochs: stop after this many passes; None repeats forever (use a fixed step
-                count then, so that all hosts take the same number of batches).
-            process_index, process_count: this host and the number of hosts (default
-                `jax.process_index()` and `jax.process_count()`).
-            num_workers: loader threads; 0 loads in the consuming thread.
-            prefetch: records loaded ahead of the consumer (default `2 * batch_size`, at least
-                `num_workers`).
-            strict: raise on bad JSON, malformed records and unreadable images instead of
-                skipping them.
-
-        Raises:
-            VipLlavaError: bad arguments, an unreadable annotation file, or (strict) a bad line.
-        """
+        """See `TrainDataLoader` for the arguments (all but its processor and template)."""
         if process_index is None or process_count is None:
             import jax
 
@@ -407,17 +379,10 @@ class TrainDataLoader:
             raise VipLlavaError(f"process_index {process_index} not in [0, {process_count})")
         if batch_size < 1:
             raise VipLlavaError(f"batch_size must be positive, got {batch_size}")
-        if max_length <= processor.num_image_tokens:
-            raise VipLlavaError(
-                f"max_length={max_length} leaves no room next to "
-                f"{processor.num_image_tokens} image tokens"
-            )
         if num_workers < 0:
             raise VipLlavaError(f"num_workers must be >= 0, got {num_workers}")
         self.annotations = Annotations(annotations, strict=strict)
         self.image_folder = Path(image_folder) if image_folder else self.annotations.path.parent
-        self.processor = processor
-        self.encoder = ConversationEncoder(processor, template)
         self.batch_size, self.max_length = batch_size, max_length
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.process_index, self.process_count = process_index, process_count
@@ -431,6 +396,29 @@ class TrainDataLoader:
             )
         self.stats = self._zero_stats()
         self._epoch, self._index = 0, 0
+
+    def load_record(self, i: int) -> tuple[Any, np.ndarray]:
+        """Record `i` as (row with a `truncated` attribute, preprocessed image); raises
+        `SkipRecord`. Runs in the worker threads."""
+        raise NotImplementedError
+
+    def _collate(self, rows: list[tuple[Any, np.ndarray]]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _image(self, record: dict[str, Any], preprocess) -> np.ndarray:
+        """The record's one image, read from the image folder and preprocessed."""
+        image = record.get("image")
+        if isinstance(image, list) and len(image) == 1:
+            image = image[0]
+        if not image:
+            raise SkipRecord("no_image", "the record has no image (text-only is not supported)")
+        if not isinstance(image, str):
+            raise SkipRecord("malformed", f"'image' must be one file name, got {image!r}")
+        path = self.image_folder / image
+        try:
+            return preprocess(load_image(path))
+        except Exception as e:  # noqa: BLE001 - missing, truncated or undecodable files
+            raise SkipRecord("bad_image", f"cannot read image {path}: {e}") from None
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
@@ -491,45 +479,6 @@ class TrainDataLoader:
 
     # -- loading
 
-    def load_record(self, i: int) -> tuple[Example, np.ndarray]:
-        """Record `i` of the annotation file: the `Example` fitted to max_length and its
-        preprocessed image [3, H, W] float32. Runs in the worker threads.
-
-        Raises:
-            SkipRecord: the record cannot be used.
-        """
-        record = self.annotations.record(i)
-        image = record.get("image")
-        if isinstance(image, list) and len(image) == 1:
-            image = image[0]
-        if not image:
-            raise SkipRecord("no_image", "the record has no image (text-only is not supported)")
-        if not isinstance(image, str):
-            raise SkipRecord("malformed", f"'image' must be one file name, got {image!r}")
-        example = self.encoder(record.get("conversations"))
-        example = fit_length(example, self.max_length, self.processor.num_image_tokens)
-        path = self.image_folder / image
-        try:
-            pixels = self.processor.image_processor.preprocess(load_image(path))
-        except Exception as e:  # noqa: BLE001 - missing, truncated or undecodable files
-            raise SkipRecord("bad_image", f"cannot read image {path}: {e}") from None
-        return example, pixels
-
-    def _collate(self, rows: list[tuple[Example, np.ndarray]]) -> dict[str, np.ndarray]:
-        shape = (len(rows), self.max_length)
-        batch = {
-            "input_ids": np.full(shape, self.processor.pad_token_id, np.int32),
-            "attention_mask": np.zeros(shape, np.int32),
-            "labels": np.full(shape, IGNORE_INDEX, np.int32),
-        }
-        for b, (example, _) in enumerate(rows):
-            n = len(example.input_ids)
-            batch["input_ids"][b, :n] = example.input_ids
-            batch["attention_mask"][b, :n] = 1
-            batch["labels"][b, :n] = example.labels
-        batch["pixel_values"] = np.stack([pixels for _, pixels in rows]).astype(np.float32)
-        return batch
-
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         pool = (
             concurrent.futures.ThreadPoolExecutor(self.num_workers, "vipllava-data")
@@ -578,3 +527,155 @@ class TrainDataLoader:
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
+
+class TrainDataLoader(RecordLoader):
+    """Static-shape training batches from a LLaVA-format dataset; see the module docstring.
+
+    Iterating yields dicts of numpy arrays `input_ids`, `attention_mask`, `labels` [B, L] int32
+    and `pixel_values` [B, 3, H, W] float32 (B = `batch_size`, L = `max_length`). Iteration
+    starts at the loader's current position; breaking out and iterating again continues after
+    the last batch yielded. A final partial batch of a finite run is dropped. `stats` and
+    `records_per_epoch` as in `RecordLoader`.
+    """
+
+    def __init__(
+        self,
+        annotations: str | Path,
+        image_folder: str | Path | None,
+        processor: VipLlavaProcessor,
+        *,
+        batch_size: int,
+        max_length: int,
+        template: str = "vipllava",
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        num_workers: int = 8,
+        prefetch: int | None = None,
+        strict: bool = False,
+    ):
+        """Reads the annotations (not the images) and checks the arguments.
+
+        Args:
+            annotations: a JSON list or JSONL file of LLaVA records.
+            image_folder: the folder `record["image"]` is relative to (default: the
+                annotation file's folder).
+            processor: tokenizer, image token expansion and image preprocessing.
+            batch_size: rows per batch on this host.
+            max_length: L, the padded (and truncated) sequence length.
+            template: "vipllava" (the model card's format) or "llava_v1" (ViP-LLaVA's).
+            seed: shuffling seed; the order of epoch e depends on (seed, e) only.
+            shuffle: False keeps the file order.
+            num_epochs: stop after this many passes; None repeats forever (use a fixed step
+                count then, so that all hosts take the same number of batches).
+            process_index, process_count: this host and the number of hosts (default
+                `jax.process_index()` and `jax.process_count()`).
+            num_workers: loader threads; 0 loads in the consuming thread.
+            prefetch: records loaded ahead of the consumer (default `2 * batch_size`, at least
+                `num_workers`).
+            strict: raise on bad JSON, malformed records and unreadable images instead of
+                skipping them.
+
+        Raises:
+            VipLlavaError: bad arguments, an unreadable annotation file, or (strict) a bad line.
+        """
+        if max_length <= processor.num_image_tokens:
+            raise VipLlavaError(
+                f"max_length={max_length} leaves no room next to "
+                f"{processor.num_image_tokens} image tokens"
+            )
+        super().__init__(
+            annotations, image_folder, batch_size=batch_size, max_length=max_length, seed=seed,
+            shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
+            process_count=process_count, num_workers=num_workers, prefetch=prefetch, strict=strict,
+        )
+        self.processor = processor
+        self.encoder = ConversationEncoder(processor, template)
+
+    def load_record(self, i: int) -> tuple[Example, np.ndarray]:
+        """Record `i` of the annotation file: the `Example` fitted to max_length and its
+        preprocessed image [3, H, W] float32. Runs in the worker threads.
+
+        Raises:
+            SkipRecord: the record cannot be used.
+        """
+        record = self.annotations.record(i)
+        if not record.get("image"):
+            raise SkipRecord("no_image", "the record has no image (text-only is not supported)")
+        example = self.encoder(record.get("conversations"))
+        example = fit_length(example, self.max_length, self.processor.num_image_tokens)
+        return example, self._image(record, self.processor.image_processor.preprocess)
+
+    def _collate(self, rows: list[tuple[Example, np.ndarray]]) -> dict[str, np.ndarray]:
+        shape = (len(rows), self.max_length)
+        batch = {
+            "input_ids": np.full(shape, self.processor.pad_token_id, np.int32),
+            "attention_mask": np.zeros(shape, np.int32),
+            "labels": np.full(shape, IGNORE_INDEX, np.int32),
+        }
+        for b, (example, _) in enumerate(rows):
+            n = len(example.input_ids)
+            batch["input_ids"][b, :n] = example.input_ids
+            batch["attention_mask"][b, :n] = 1
+            batch["labels"][b, :n] = example.labels
+        batch["pixel_values"] = np.stack([pixels for _, pixels in rows]).astype(np.float32)
+        return batch
+
+
+# ----------------------------------------------------------------------------- image captions
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionExample:
+    labels: np.ndarray  # [T] int32: the caption's tokens, then EOS (cut to max_length)
+    truncated: bool = False
+
+
+class CaptionDataLoader(RecordLoader):
+    """Image-caption pairs for an encoder-decoder captioner (`vipllava_jax.ved`).
+
+    One record per JSONL line (or JSON list item): `{"image": "0001.png", "caption": "..."}`
+    (`"text"` is accepted in place of `"caption"`, as OCR sets name it). Iterating yields
+    `pixel_values` [B, 3, H, W] float32 and `labels` [B, L] int32: the caption's tokens (no
+    special tokens) followed by `eos_token_id`, -100 after. A longer caption is cut to L
+    (counted in `stats["truncated"]`). The model makes its decoder input by shifting the
+    labels right from `decoder_start_token_id`, as transformers' VisionEncoderDecoderModel
+    does, so nothing else is needed. Order, host shares, resuming and skipping: `RecordLoader`.
+    """
+
+    def __init__(self, annotations: str | Path, image_folder: str | Path | None, tokenizer,
+                 preprocess, *, eos_token_id: int, batch_size: int, max_length: int, **kwargs):
+        """Args:
+            tokenizer: a transformers fast tokenizer (its Rust tokenizer is copied, so that
+                worker threads can share it).
+            preprocess: PIL RGB image -> `[3, H, W]` float32 (the model's image processor).
+            eos_token_id: appended to every caption, so that the model learns to stop.
+            kwargs: `RecordLoader`'s (seed, shuffle, num_workers, strict, ...).
+        """
+        from tokenizers import Tokenizer
+
+        super().__init__(annotations, image_folder, batch_size=batch_size, max_length=max_length, **kwargs)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise VipLlavaError("caption data needs a fast (tokenizers) tokenizer")
+        self._tokenizer = Tokenizer.from_str(backend.to_str())
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
+        self.preprocess, self.eos_token_id = preprocess, eos_token_id
+
+    def load_record(self, i: int) -> tuple[CaptionExample, np.ndarray]:
+        record = self.annotations.record(i)
+        caption = record.get("caption", record.get("text"))
+        if not isinstance(caption, str) or not caption.strip():
+            raise SkipRecord("malformed", "the record has no non-empty 'caption' string")
+        ids = self._tokenizer.encode(caption, add_special_tokens=False).ids + [self.eos_token_id]
+        example = CaptionExample(np.asarray(ids[: self.max_length], np.int32), len(ids) > self.max_length)
+        return example, self._image(record, self.preprocess)
+
+    def _collate(self, rows: list[tuple[CaptionExample, np.ndarray]]) -> dict[str, np.ndarray]:
+        labels = np.full((len(rows), self.max_length), IGNORE_INDEX, np.int32)
+        for b, (example, _) in enumerate(rows):
+            labels[b, : len(example.labels)] = example.labels
+        return {"labels": labels, "pixel_values": np.stack([p for _, p in rows]).astype(np.float32)}
