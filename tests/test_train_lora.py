@@ -89,7 +89,7 @@ def test_adapters_start_at_zero_and_leave_the_model_unchanged(tiny):
 def test_loss_and_adapter_grads_match_transformers(tiny):
     hf, path, inputs = tiny
     model = lora_model(path)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter("lora"), ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(model, "lora"), ...)
     params, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
     flat = flatten(params)
     assert {k.split(".")[0] for k in flat} == {"multi_modal_projector", "language_model"}

@@ -105,6 +105,16 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 class VipLlavaForConditionalGeneration(nnx.Module):
     """The whole model, with transformers' parameter names and call signature."""
 
+    # What each training stage trains (`training.step`). The vision tower is frozen except in
+    # "all" (a model trained from scratch has no pretrained CLIP to keep); stage "lora" also
+    # trains the LoRA adapters the train state adds to the decoder (`training/lora.py`).
+    train_stages = {
+        "projector": ("multi_modal_projector",),
+        "full": ("multi_modal_projector", "language_model", "lm_head"),
+        "lora": ("multi_modal_projector",),
+        "all": ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
+    }
+
     def __init__(
         self,
         config: VipLlavaConfig,
@@ -250,6 +260,11 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         logits = self.logits_from_hidden(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VipLlavaOutput(logits=logits, loss=loss)
+
+    def remat_targets(self) -> list[tuple[nnx.Module, str]]:
+        """(owner, attribute) of each list of decoder layers the train step may rematerialise
+        (the vision tower is frozen: none of its activations are kept for the backward)."""
+        return [(self.language_model, "layers")]
 
     def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """What the train step needs of a batch (`training.step`): (summed next-token NLL,

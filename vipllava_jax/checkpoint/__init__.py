@@ -250,13 +250,19 @@ def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progres
     """Converts an Orbax folder, or a training run's output folder (its latest complete
     checkpoint), back to a folder transformers loads."""
     src, dst = Path(src), Path(dst)
-    if is_orbax_folder(src) and read_model_type(src) == VED_MODEL_TYPE:
+    is_training_run = (src / "run_config.json").is_file()  # (it holds the model's files too)
+    if is_orbax_folder(src) and not is_training_run and read_model_type(src) == VED_MODEL_TYPE:
         from vipllava_jax.ved.checkpoint import ved_orbax_to_hf
 
         return ved_orbax_to_hf(src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
-    is_training_run = (src / "run_config.json").is_file()
     if not is_orbax_folder(src) and not is_training_run:
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")
+    if is_training_run and read_model_type(src) == VED_MODEL_TYPE:
+        from vipllava_jax.training.loop import load_trained_model
+        from vipllava_jax.ved.checkpoint import write_ved_hf
+
+        return write_ved_hf(load_trained_model(src), src, dst, overwrite=overwrite,
+                            max_shard_bytes=max_shard_bytes, progress=progress)
     config = VipLlavaConfig.from_pretrained(src)
     if is_training_run:
         from vipllava_jax.training.loop import load_trained_model

@@ -31,12 +31,16 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from tqdm.auto import tqdm
 
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.processor import VipLlavaProcessor
-from vipllava_jax.training.data import TrainDataLoader
+from vipllava_jax.ved.config import MODEL_TYPE as VED_MODEL_TYPE
+from vipllava_jax.ved.config import VisionEncoderDecoderConfig, read_model_type
+from vipllava_jax.ved.modeling import VisionEncoderDecoderModel
+from vipllava_jax.training.data import CaptionDataLoader, RecordLoader, TrainDataLoader
 from vipllava_jax.training.lora import merge_lora
 from vipllava_jax.training.mesh import mesh_from_spec, shard_batch
 from vipllava_jax.training.step import (
@@ -127,7 +131,7 @@ def _prepare_output(cfg: RunConfig) -> Path:
     if jax.process_index() != 0:  # one writer when several processes share the folder
         return out
     for f in Path(cfg.model).iterdir():
-        if f.is_file() and (f.suffix == ".json" or f.name == "tokenizer.model") and not f.name.startswith("."):
+        if f.is_file() and f.suffix in (".json", ".txt", ".model") and not f.name.startswith("."):
             if not (out / f.name).exists():
                 shutil.copy2(f, out / f.name)
     (out / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -138,19 +142,14 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     """Runs (or resumes) the training run; returns the metrics of the steps it ran."""
     out = _prepare_output(cfg)
     mesh = mesh_from_spec(cfg.mesh)
-    model = VipLlavaForConditionalGeneration.from_pretrained(
+    model = _model_class(cfg.model).from_pretrained(
         cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)  # every process its shards
-    processor = VipLlavaProcessor.from_pretrained(cfg.model)
     # batch_size is the global batch; each process loads its share of the rows
     hosts, primary = jax.process_count(), jax.process_index() == 0
     if cfg.batch_size % hosts:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
-    loader = TrainDataLoader(
-        cfg.data, cfg.image_folder, processor, batch_size=cfg.batch_size // hosts,
-        max_length=cfg.max_length, template=cfg.template, seed=cfg.seed,
-        strict=cfg.strict, num_workers=cfg.num_workers,
-    )
-    model_config = model.config
+    loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
+    num_layers, hidden = _decoder_shape(model.config)
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     del model
     step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
@@ -160,9 +159,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
         state, data_state = _restore(manager, start, state, shardings)
         loader.load_state_dict(_host_data_state(data_state))
     start = start or 0
-    text = model_config.text_config
-    flops_per_token = train_flops_per_token(
-        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=cfg.max_length)
+    flops_per_token = train_flops_per_token(state, num_layers=num_layers, hidden=hidden, seq_len=cfg.max_length)
     peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0])
     if peak is None and primary:
         tqdm.write(f"MFU not estimated: no peak TFLOP/s known for {jax.devices()[0].device_kind!r} "
@@ -222,6 +219,38 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     return history
 
 
+def _model_class(path: str | Path) -> type:
+    """VisionEncoderDecoderModel for a `vision-encoder-decoder` folder, else VipLlava."""
+    return VisionEncoderDecoderModel if read_model_type(path) == VED_MODEL_TYPE else VipLlavaForConditionalGeneration
+
+
+def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
+    """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
+    common = dict(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
+                  num_workers=cfg.num_workers)
+    if isinstance(model_config, VisionEncoderDecoderConfig):
+        from transformers import AutoTokenizer
+
+        from vipllava_jax.ved.processing import image_preprocessor
+
+        eos = model_config.eos_token_id if model_config.eos_token_id is not None else model_config.decoder.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise TrainingError(f"{cfg.model}: the config has no eos_token_id to end captions with")
+        return CaptionDataLoader(
+            cfg.data, cfg.image_folder, AutoTokenizer.from_pretrained(cfg.model),
+            image_preprocessor(cfg.model, model_config.encoder.image_size), eos_token_id=eos, **common)
+    return TrainDataLoader(cfg.data, cfg.image_folder, VipLlavaProcessor.from_pretrained(cfg.model),
+                           template=cfg.template, **common)
+
+
+def _decoder_shape(model_config) -> tuple[int, int]:
+    """(layers, width) of the text decoder, for the attention term of the FLOP estimate."""
+    text = model_config.decoder if isinstance(model_config, VisionEncoderDecoderConfig) else model_config.text_config
+    return text.num_hidden_layers, text.hidden_size
+
+
 def _tensorboard(out: Path):
     from tensorboardX import SummaryWriter  # imported here: only the primary process writes
 
@@ -244,8 +273,17 @@ def device_peak_tflops(device) -> float | None:
     return None
 
 
+# Embedding tables (VipLlava, CLIP, GPT-2, BERT, ViT names): lookups, not matmuls.
+_LOOKUPS = ("embed_tokens", "position_embedding", "wte", "wpe", "word_embeddings", "token_type_embeddings",
+            "cls_token", "distillation_token")
+
+
 def _is_lookup(path: str) -> bool:
-    return "embed_tokens" in path or "position_embedding" in path
+    return any(f"'{name}" in path for name in _LOOKUPS)
+
+
+def _is_vision(path: str) -> bool:
+    return path.startswith(("['vision_tower']", "['encoder']"))
 
 
 def train_flops_per_token(state: TrainState, *, num_layers: int, hidden: int, seq_len: int) -> float:
@@ -253,16 +291,16 @@ def train_flops_per_token(state: TrainState, *, num_layers: int, hidden: int, se
 
     A weight matmul costs 2 FLOPs per parameter forward, 2 more for the input gradient and 2
     for the weight gradient: 6 per trainable parameter, 4 per frozen decoder or projector
-    parameter (gradients still flow through it to what is trained), 2 per vision-tower
-    parameter (forward only; counted per position, which image tokens roughly equal).
-    Attention scores and values add 12 * layers * seq_len * hidden. Embedding tables are
-    lookups, not matmuls, and are left out.
+    parameter (gradients still flow through it to what is trained), 2 per frozen vision-tower
+    (or VED encoder) parameter (forward only; counted per position, which image tokens
+    roughly equal). Attention scores and values add 12 * layers * seq_len * hidden. Embedding
+    tables are lookups, not matmuls, and are left out (so is a tied output head's matmul).
     """
     def count(tree, keep=lambda path: True) -> int:
         return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(tree)
                    if not _is_lookup(jax.tree_util.keystr(path)) and keep(jax.tree_util.keystr(path)))
 
-    vision = count(state.frozen, lambda p: p.startswith("['vision_tower']"))
+    vision = count(state.frozen, _is_vision)
     frozen_rest = count(state.frozen) - vision
     return 6 * count(state.params) + 4 * frozen_rest + 2 * vision + 12 * num_layers * seq_len * hidden
 
@@ -304,13 +342,13 @@ def _restore(manager, step, state: TrainState, shardings: TrainState):
     return restored["state"], restored["data"]
 
 
-def load_trained_model(output_dir: str | Path, step: int | None = None) -> VipLlavaForConditionalGeneration:
+def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.Module:
     """The model of a training run's checkpoint (the latest complete one by default), with
     any LoRA adapters merged into its weights."""
     out = Path(output_dir)
     cfg = RunConfig.from_dict(json.loads((out / "run_config.json").read_text()))
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
-    model = VipLlavaForConditionalGeneration.from_pretrained(
+    model = _model_class(cfg.model).from_pretrained(
         cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     manager = _checkpoint_manager(cfg)

@@ -74,8 +74,10 @@ class LoRALinear(nnx.Module):
 
 
 def _decoder_blocks(model: nnx.Module) -> Iterator[nnx.Module]:
-    """The modules holding the targeted projections: each layer's self_attn and mlp."""
-    for layer in model.language_model.layers:
+    """The modules holding the targeted projections: each layer's self_attn and mlp (none in
+    a model without a Llama decoder, e.g. the VisionEncoderDecoder captioner)."""
+    lm = getattr(model, "language_model", None)
+    for layer in lm.layers if lm is not None else ():
         yield layer.self_attn
         yield layer.mlp
 

@@ -2,10 +2,15 @@
 
 The model is split once into a graph definition and two plain nested dicts of arrays:
 
-    params   the trainable parameters (`STAGES`: stage "projector": the projector; "full": the
-             projector, the decoder and lm_head; "lora": the projector and the decoder's
-             LoRA adapters); the optimizer sees only these
-    frozen   the rest (the vision tower, except in stage "all"); no gradients, no optimizer state
+    params   the trainable parameters: the top-level submodules the model's `train_stages`
+             table names for the stage (VipLlava "projector": the projector; "full": the
+             projector, the decoder and lm_head; "lora": the projector and the decoder's LoRA
+             adapters; "all": everything), the only ones the optimizer sees
+    frozen   the rest (VipLlava: the vision tower, except in "all"); no gradients, no
+             optimizer state
+
+The model supplies the loss (`loss_terms`) and the decoder layers to rematerialise
+(`remat_targets`), so VipLlava and the VisionEncoderDecoder captioner share this step.
 
 and the step is a pure function of those dicts, jitted with explicit shardings:
 
@@ -35,23 +40,19 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vipllava_jax.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
 from vipllava_jax.training import lora
 from vipllava_jax.training.mesh import batch_sharding, data_sharding, replicated
+from vipllava_jax.ved.modeling import VisionEncoderDecoderModel
 
 Batch = dict[str, jax.Array]
 Params = dict[str, Any]  # nested dicts of arrays, keyed like the model's attributes
 
-# Which top-level submodules each stage trains. Only "all" trains the vision tower: a model
-# trained from scratch (the tiny embedded one) has no pretrained CLIP to keep frozen.
-# Stage "lora" also trains the LoRA adapters `init_train_state` adds to the decoder, whose
-# base weights stay frozen (`lora.py`).
-STAGES: dict[str, tuple[str, ...]] = {
-    "projector": ("multi_modal_projector",),
-    "full": ("multi_modal_projector", "language_model", "lm_head"),
-    "all": ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
-    "lora": ("multi_modal_projector",),
-}
+# Every stage name some model defines (each model class says what its stages train in its
+# `train_stages`; `init_train_state` checks the stage against the model it gets).
+STAGES: frozenset[str] = frozenset(VipLlavaForConditionalGeneration.train_stages) | frozenset(
+    VisionEncoderDecoderModel.train_stages)
 
 # Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -72,10 +73,12 @@ class TrainConfig:
         embeddings), not to biases and norm scales (as transformers' Trainer).
       max_grad_norm: gradients are clipped to this global norm before AdamW.
       grad_accum: micro-batches per step; the global batch size must be a multiple.
-      stage: "projector" (stage 1: projector only), "full" (stage 2: projector, decoder
-        and lm_head) or "lora" (projector + LoRA adapters on the decoder's projections, the
+      stage: what is trained, a name from the model's `train_stages`. VipLlava:
+        "projector" (stage 1: projector only), "full" (stage 2: projector, decoder and
+        lm_head), "lora" (projector + LoRA adapters on the decoder's projections, the
         decoder's own weights frozen: optimizer state and gradients only for the adapters),
-        all frozen vision tower; or "all" (everything, for a model trained from scratch).
+        all with the vision tower frozen; or "all" (everything, for a model trained from
+        scratch). VisionEncoderDecoder: "decoder" (projection + decoder) or "all".
       lora_rank, lora_alpha, lora_targets: the adapters of stage "lora": rank r, scale
         alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
@@ -98,7 +101,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = lora.TARGETS
 
     def __post_init__(self):
-        if self.stage not in STAGES:
+        if self.stage not in STAGES:  # checked against the model by init_train_state
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
@@ -151,9 +154,12 @@ def _decay_mask(params: Params) -> Params:
 
 # -- train state -------------------------------------------------------------------------------
 
-def trainable_filter(stage: str) -> nnx.filterlib.Filter:
-    """The NNX filter of the parameters `stage` trains (see `STAGES`)."""
-    roots = STAGES[stage]
+def trainable_filter(model: nnx.Module, stage: str) -> nnx.filterlib.Filter:
+    """The NNX filter of the parameters `stage` trains (the model's `train_stages`)."""
+    stages = type(model).train_stages
+    if stage not in stages:
+        raise ValueError(f"{type(model).__name__} has no stage {stage!r} (its stages: {sorted(stages)})")
+    roots = stages[stage]
     trained = nnx.All(nnx.Param, lambda path, _: str(path[0]) in roots)
     return nnx.Any(trained, lora.LoRAParam) if stage == "lora" else trained
 
@@ -173,9 +179,10 @@ def init_train_state(
       (graphdef, state, shardings): `shardings` is a TrainState of NamedShardings, the
       in/out shardings for `make_train_step`.
     """
+    trainable_filter(model, config.stage)  # an unknown stage fails before the model changes
     if config.stage == "lora":
         lora.add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.stage), ...)
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(model, config.stage), ...)
     param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
     frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
     params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
@@ -209,19 +216,25 @@ class _Remat(nnx.Module):
     def __call__(self, *args):
         return nnx.remat(lambda layer, *a: layer(*a), policy=self.policy)(self.layer, *args)
 
+    def __getattr__(self, name):  # the layer's other parts (a decoder reads its cross-attention)
+        if name == "layer":
+            raise AttributeError(name)
+        return getattr(self.layer, name)
+
 
 def _remat_decoder_layers(model: nnx.Module, remat: str) -> None:
-    """Wraps each decoder layer of `model` (a throwaway copy merged inside the trace) in
-    `jax.checkpoint` with the named policy, so the decoder's own forward runs unchanged.
+    """Wraps each decoder layer of `model` (a throwaway copy merged inside the trace; the
+    layer lists are the model's `remat_targets()`) in `jax.checkpoint` with the named policy,
+    so the decoder's own forward runs unchanged.
 
     Per layer, not around the whole loss: checkpointing the whole loss would recompute the
     forward in one piece before the backward and keep every activation again (no saving).
-    The vision tower needs none: it is frozen, so no activation of it is kept for the backward.
     """
     if remat == "none":
         return
-    lm = model.language_model
-    lm.layers = nnx.List([_Remat(layer, REMAT_POLICIES[remat]) for layer in lm.layers])
+    for owner, name in model.remat_targets():
+        layers = getattr(owner, name)
+        setattr(owner, name, nnx.List([_Remat(layer, REMAT_POLICIES[remat]) for layer in layers]))
 
 
 def _micro_batches(batch: Batch, grad_accum: int) -> Batch:

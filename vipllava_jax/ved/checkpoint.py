@@ -124,9 +124,18 @@ def ved_orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, pro
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER})")
     config = VisionEncoderDecoderConfig.from_pretrained(src)
     model = VisionEncoderDecoderModel.from_pretrained(src, dtype=config.dtype)
+    return write_ved_hf(model, src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def write_ved_hf(model, side_files_from, dst, *, overwrite=False, max_shard_bytes=5 * 2**30,
+                 progress=False) -> Path:
+    """`model`'s weights as safetensors + config.json (in the weights' dtype), with the
+    tokenizer and processor files of `side_files_from`, written atomically to `dst`."""
+    dst = Path(dst)
+    params = model_params(model)
+    dtype = normalize_dtype(next(iter(params.values())).dtype)
     with atomic_output(dst, overwrite=overwrite) as tmp:
-        write_hf_params(model_params(model), tmp, max_shard_bytes=max_shard_bytes, progress=progress,
-                        mapping=VED_MAPPING)
-        config.save_pretrained(tmp)
-        _copy_side_files(src, tmp)
+        write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=VED_MAPPING)
+        model.config.save_pretrained(tmp, dtype=dtype)
+        _copy_side_files(Path(side_files_from), tmp)
     return dst

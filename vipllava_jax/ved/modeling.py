@@ -22,7 +22,7 @@ from flax import nnx, struct
 
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.layers import DType, linear
-from vipllava_jax.modeling import IGNORE_INDEX
+from vipllava_jax.modeling import IGNORE_INDEX, token_nll
 from vipllava_jax.ved.attention import CrossKV
 from vipllava_jax.ved.bert import BertLMHeadModel
 from vipllava_jax.ved.config import VisionEncoderDecoderConfig
@@ -50,15 +50,18 @@ def shift_tokens_right(labels: jax.Array, pad_token_id: int, decoder_start_token
 def seq2seq_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean cross-entropy of logits `[B, T, V]` against labels `[B, T]` (same positions, -100
     not counted), in float32, as transformers' CrossEntropyLoss over the flattened batch."""
-    logits = logits.astype(jnp.float32)
-    counted = labels != IGNORE_INDEX
-    target = jnp.take_along_axis(logits, jnp.where(counted, labels, 0)[..., None], axis=-1)[..., 0]
-    nll = jax.nn.logsumexp(logits, axis=-1) - target  # [B, T]
-    return jnp.sum(jnp.where(counted, nll, 0.0)) / jnp.sum(counted)
+    nll_sum, count = token_nll(logits, labels, shift=False)
+    return nll_sum / count
 
 
 class VisionEncoderDecoderModel(nnx.Module):
     """transformers' parameter names (`encoder.*`, `enc_to_dec_proj`, `decoder.*`) and call."""
+
+    # What each training stage trains (`training.step`): the decoder side, or everything.
+    train_stages = {
+        "decoder": ("enc_to_dec_proj", "decoder"),
+        "all": ("encoder", "enc_to_dec_proj", "decoder"),
+    }
 
     def __init__(self, config: VisionEncoderDecoderConfig, *, dtype: DType = jnp.float32,
                  param_dtype: DType = jnp.float32, rngs: nnx.Rngs):
@@ -153,6 +156,19 @@ class VisionEncoderDecoderModel(nnx.Module):
         hidden, _ = self.decoder(decoder_input_ids, self.cross_kv(pixel_values), decoder_attention_mask)
         logits = self.decoder.logits(hidden)
         return VedOutput(logits=logits, loss=None if labels is None else seq2seq_loss(logits, labels))
+
+    def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """For the train step: (summed NLL, counted tokens) of `labels` [B, T] given
+        `pixel_values`, the decoder reading the labels shifted right (as `forward`)."""
+        logits = self.forward(batch["pixel_values"], batch.get("decoder_input_ids"),
+                              batch.get("decoder_attention_mask"), batch["labels"]).logits
+        return token_nll(logits, batch["labels"], shift=False)
+
+    def remat_targets(self) -> list[tuple[nnx.Module, str]]:
+        """(owner, attribute) of each list of decoder layers the train step may rematerialise."""
+        if hasattr(self.decoder, "transformer"):  # GPT-2
+            return [(self.decoder.transformer, "h")]
+        return [(self.decoder.bert.encoder, "layer")]  # BERT
 
     def check_inputs(self, pixel_values, decoder_input_ids, decoder_attention_mask, labels) -> None:
         cfg = self.config

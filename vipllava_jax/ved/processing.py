@@ -1,0 +1,43 @@
+"""Image preprocessing for VisionEncoderDecoder checkpoints (captioning data, demos).
+
+transformers' own image processor for the folder, PIL backend (so the pixels do not depend on
+whether torchvision is installed), or ViT's defaults at the encoder's size when the folder has
+no `preprocessor_config.json` (tiny test models): resize to a square (bilinear), rescale by
+1/255, normalize with mean = std = 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+
+from vipllava_jax.errors import ConfigError
+
+
+def _pil_class(name: str):
+    import transformers
+
+    base = name.removesuffix("Fast")
+    cls = getattr(transformers, base + "Pil", None) or getattr(transformers, base, None)
+    if cls is None:
+        raise ConfigError(f"unknown image processor {name!r} in preprocessor_config.json")
+    return cls
+
+
+def image_preprocessor(path: str | Path, image_size: int) -> Callable[[PIL.Image.Image], np.ndarray]:
+    """RGB PIL image -> `[3, H, W]` float32, as the checkpoint at `path` expects."""
+    file = Path(path) / "preprocessor_config.json"
+    if file.is_file():
+        name = json.loads(file.read_text()).get("image_processor_type", "ViTImageProcessor")
+        processor = _pil_class(name).from_pretrained(path)
+    else:
+        processor = _pil_class("ViTImageProcessor")(size={"height": image_size, "width": image_size})
+
+    def preprocess(image: PIL.Image.Image) -> np.ndarray:
+        return np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], np.float32)
+
+    return preprocess
