@@ -1,21 +1,23 @@
 """A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
 
-Each scene holds three coloured shapes on a plain background, one per column of the image;
+Each scene (48 x 48 px) holds three coloured shapes on a plain background, one in each cell of
+the middle row of a 3 x 3 grid;
 one object is marked with a ViP-LLaVA marker (`visual_prompts`: any of the eight types, any
 of its colour names) and the questions can only be answered by finding the marked object:
 
-    color   What color is the marked object?                         white|black|gray|brown
+    color   What color is the marked object?                         white|black|gray
     shape   What shape is the marked object?                         circle|square|triangle
     left    What shape is left of the marked object?                 a shape, or none
     right   What color is right of the marked object?                a colour, or none
     count   How many objects have the same color as the marked object?   one|two|three
 
-Object colours are neutral (white, black, gray, brown) and the marker colours saturated, so a
+Object colours are neutral (white, black, gray) and the marker colours saturated, so a
 marker is never mistaken for an object. Splits (LLaVA-format JSONL + PNG, the format
 `training.data` reads, plus `category`):
 
-- train: one record per scene with all five questions as a multi-turn conversation in random
-  order (five answers per image for the cost of one vision pass), markers in the training
+- train: one record per scene with all five questions and two auxiliary ones (`AUX_QUESTIONS`:
+  the marker's colour, where the marked object is) as a multi-turn conversation in random
+  order (seven answers per image for the cost of one vision pass), markers in the training
   ranges (`style="random"`).
 - val, test: one question per record, markers in the evaluation style (`"constant"`). Every
   scene comes twice with the same question and marker, on two different objects chosen so the
@@ -43,15 +45,17 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 
-IMAGE_SIZE = 128
+IMAGE_SIZE = 48
 NUM_OBJECTS = 3  # one per column, so "left of" and "right of" are never ambiguous
-OBJECT_SIZE = (22, 32)  # side range in pixels
-BACKGROUND = (200, 210, 190)
+CELL = IMAGE_SIZE // NUM_OBJECTS  # objects sit in the middle row of a 3 x 3 grid of cells
+OBJECT_SIZE = (9, 13)  # side range in pixels, inside a 16 px cell
+# The scene is achromatic and every marker colour saturated: a marker is the only colour in the
+# image, a feature a freshly initialised patch embedding already separates linearly.
+BACKGROUND = (176, 176, 176)
 OBJECT_COLORS: dict[str, tuple[int, int, int]] = {
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-    "brown": (130, 75, 30),
+    "white": (250, 250, 250),
+    "black": (16, 16, 16),
+    "gray": (96, 96, 96),
 }
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("zero", "one", "two", "three", "four")
@@ -65,6 +69,15 @@ QUESTIONS: dict[str, str] = {
     "count": "How many objects have the same color as the marked object?",
 }
 CATEGORIES = tuple(QUESTIONS)
+# Asked in training only, two steps every question above depends on: the marker's colour
+# (needs nothing but finding the marker's pixels) and where the marked object is. From a
+# random init, a model taught only the five questions stays at their answer priors for
+# thousands of steps; these answers pull it off that plateau.
+AUX_QUESTIONS: dict[str, str] = {
+    "marker": "What color is the marker?",
+    "where": "Where is the marked object?",
+}
+POSITIONS = ("left", "middle", "right")
 SPLITS = ("train", "val", "test")
 
 
@@ -85,13 +98,12 @@ class Scene:
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
-    """Three objects, one per column of the image, at random sizes and heights."""
-    col = IMAGE_SIZE // NUM_OBJECTS
+    """Three objects, one per cell of the middle row, at random sizes and offsets."""
     objects = []
     for i in range(NUM_OBJECTS):
         side = int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1))
-        x0 = i * col + int(rng.integers(2, col - side - 1))
-        y0 = int(rng.integers(4, IMAGE_SIZE - side - 4))
+        x0 = i * CELL + int(rng.integers(1, CELL - side))
+        y0 = CELL + int(rng.integers(1, CELL - side))
         objects.append(SceneObject(
             shape=SHAPES[int(rng.integers(len(SHAPES)))],
             color=tuple(OBJECT_COLORS)[int(rng.integers(len(OBJECT_COLORS)))],
@@ -150,7 +162,7 @@ def marker_prompt(scene: Scene, marked: int, marker: str, color: str, style: str
 
     obj = scene.objects[marked]
     x0, y0, x1, y1 = obj.box
-    pad = 3
+    pad = 1
     box = (max(x0 - pad, 0), max(y0 - pad, 0), min(x1 + pad, IMAGE_SIZE), min(y1 + pad, IMAGE_SIZE))
     return VisualPrompt(marker=marker, box=box, mask=object_mask(obj), color=color,
                         style=style, seed=seed)
@@ -216,6 +228,8 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set) -> list[
             marked_image(scene, marked, marker, color, "random", marker_seed).save(image_dir / f"{name}.png")
             order = rng.permutation(len(CATEGORIES))
             turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
+            for aux, value in (("marker", color), ("where", POSITIONS[marked])):
+                turns.insert(int(rng.integers(len(turns) + 1)), (AUX_QUESTIONS[aux], value))
             records.append({"id": name, "image": f"images/{split}/{name}.png",
                             "conversations": _conversation(turns), "category": "all",
                             "marker": marker, "marker_color": color, "marked": marked})
@@ -265,8 +279,11 @@ def task_vocabulary() -> list[str]:
     from vipllava_jax.prompts import TEMPLATES, build_prompt
 
     pre = pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="isolated")
-    answers = [*OBJECT_COLORS, *SHAPES, *COUNT_WORDS, NONE]
-    texts = [build_prompt([(q, a) for q in QUESTIONS.values()] + [("", None)], template=t)
+    from vipllava_jax.visual_prompts import COLORS
+
+    answers = [*OBJECT_COLORS, *SHAPES, *COUNT_WORDS, NONE, *COLORS, *POSITIONS]
+    questions = [*QUESTIONS.values(), *AUX_QUESTIONS.values()]
+    texts = [build_prompt([(q, a) for q in questions] + [("", None)], template=t)
              for t in TEMPLATES for a in answers[:1]] + answers
     words = []
     for text in texts:
@@ -306,18 +323,19 @@ def make_tokenizer(path: str | Path):
 # -- the tiny model ----------------------------------------------------------------------------
 
 def tiny_config(vocab_size: int):
-    """The tiny VipLlava that learns this task: CLIP-style tower 128 px / patch 16 (64 image
-    tokens), hidden 128, 3 layers; Llama decoder hidden 128, 3 layers."""
+    """The tiny VipLlava that learns this task on a CPU: a CLIP-style tower at 48 px with
+    8 px patches (36 image tokens; each object lies in a 2 x 2 block of patches), hidden 96, 3 layers, features of layers (-1, -3, 0);
+    a Llama decoder of hidden 128, 2 layers."""
     from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
 
     return VipLlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-            image_size=IMAGE_SIZE, patch_size=16, projection_dim=64,
+            hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+            image_size=IMAGE_SIZE, patch_size=8, projection_dim=64,
         ),
         text_config=TextConfig(
-            vocab_size=-(-vocab_size // 16) * 16, hidden_size=128, intermediate_size=384,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+            vocab_size=-(-vocab_size // 16) * 16, hidden_size=128, intermediate_size=256,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
             max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
             pad_token_id=3,
         ),
