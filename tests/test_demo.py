@@ -1,13 +1,46 @@
-"""The README's main job (vipllava-demo) runs end to end and agrees with transformers."""
+"""The README's main job (vipllava-demo): mark, ask, answer, and agree with transformers."""
 
 import re
 
-from vipllava_jax.demo import main
+import PIL.Image
+import pytest
+
+from vipllava_jax.demo import DEMO_IMAGE, main
+from vipllava_jax.synthetic import OBJECT_COLORS, SHAPES
 
 
-def test_demo_command_matches_transformers(capsys):
-    assert main([]) == 0
+def test_demo_marks_the_bundled_scene_answers_and_matches_transformers(capsys, tmp_path):
+    marked = tmp_path / "marked.png"
+    assert main(["--save-marked", str(marked)]) == 0
     out = capsys.readouterr().out
-    assert "-> logits (1, 25, 256)" in out
+    answer = re.search(r"^answer: (\w+)$", out, re.M).group(1)  # one word of the task's vocabulary
+    assert answer in (*OBJECT_COLORS, *SHAPES), out  # (right: white; see test_tiny_model)
+    assert f"transformers' PyTorch generate: {answer} (same)" in out
     diff = float(re.search(r"transformers' PyTorch logits\| = (\S+)", out).group(1))
     assert diff <= 1e-4
+    image = PIL.Image.open(marked).convert("RGB")
+    original = PIL.Image.open(DEMO_IMAGE).convert("RGB")
+    assert image.size == original.size
+    assert image.getpixel((17, 23)) != original.getpixel((17, 23))  # the rectangle's left edge
+    assert image.getpixel((5, 5)) == original.getpixel((5, 5))
+
+
+def test_demo_takes_the_users_image_box_marker_and_question(capsys, tmp_path):
+    # the bundled scene, as the user's own file; the left object is a gray circle
+    mine = tmp_path / "mine.png"
+    PIL.Image.open(DEMO_IMAGE).save(mine)
+    args = ["--image", str(mine), "--box", "0,18,13,31", "--marker", "ellipse", "--color", "lime",
+            "--question", "What shape is the marked object?", "--save-marked", str(tmp_path / "m.png"),
+            "--no-compare"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^answer: \w+$", out, re.M), out
+    assert (tmp_path / "m.png").is_file()
+
+
+def test_demo_rejects_an_image_without_a_box_and_a_bad_marker(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--image", str(DEMO_IMAGE)])
+    assert e.value.code == 2
+    assert main(["--marker", "star", "--no-compare", "--save-marked", str(tmp_path / "x.png")]) == 2
+    assert "unknown marker 'star'" in capsys.readouterr().err

@@ -138,48 +138,62 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cut(text: str, stops: Sequence[str]) -> str:
-    for s in stops:
-        text = text.split(s, 1)[0]
-    return text.strip()
-
-
 def generate_answers(
-    model, processor, questions: Sequence[Question], *, batch_size: int = 32,
+    model, processor, questions: Sequence[str], images: Sequence[Any], *, batch_size: int = 32,
     max_new_tokens: int = 16, template: str = "vipllava",
 ) -> list[str]:
-    """Greedy answers, one per question, in order.
+    """Greedy answers to `questions[i]` about `images[i]` (paths, PIL images or arrays).
 
     Each batch is padded to `batch_size` questions (repeating the last one) so every batch
     reuses one compiled program. Generation stops at EOS or at the template's separator when
     that is one token ("###" for "vipllava"); the text is cut at the separator in any case.
     """
     from vipllava_jax.processor import load_image
-    from vipllava_jax.prompts import TEMPLATES, build_prompt
+    from vipllava_jax.prompts import build_prompt
 
-    tok = processor.tokenizer
-    sep = TEMPLATES[template].seps[1]
-    stops = [s for s in (sep, tok.eos_token) if s]
-    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-    sep_ids = tok.encode(sep, add_special_tokens=False)
-    if len(sep_ids) == 1 and sep_ids[0] != tok.unk_token_id:
-        eos.append(sep_ids[0])
+    if len(questions) != len(images):
+        raise VipLlavaError(f"{len(questions)} questions but {len(images)} images")
+    eos, stops = stop_tokens(processor.tokenizer, template)
     answers = []
     for start in range(0, len(questions), batch_size):
-        chunk = list(questions[start : start + batch_size])
-        n = len(chunk)
-        chunk += [chunk[-1]] * (batch_size - n)
+        texts = list(questions[start : start + batch_size])
+        ims = list(images[start : start + batch_size])
+        n = len(texts)
+        texts += [texts[-1]] * (batch_size - n)
+        ims += [ims[-1]] * (batch_size - n)
         inputs = processor(
-            text=[build_prompt(q.question, template=template) for q in chunk],
-            images=[load_image(q.image) for q in chunk],
+            text=[build_prompt(q, template=template) for q in texts],
+            images=[load_image(im) for im in ims],
         )
         seqs = model.generate(
             **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos or None,
             pad_token_id=processor.pad_token_id,
         )
         new = seqs[:n, inputs["input_ids"].shape[1]:]
-        answers += [_cut(t, stops) for t in processor.batch_decode(new, skip_special_tokens=False)]
-    return [a.replace(tok.pad_token or "\0", "").strip() for a in answers]
+        answers += [cut_answer(t, stops) for t in processor.batch_decode(new, skip_special_tokens=False)]
+    pad = processor.tokenizer.pad_token
+    return [a.replace(pad, "").strip() if pad else a for a in answers]
+
+
+def stop_tokens(tokenizer, template: str = "vipllava") -> tuple[list[int], list[str]]:
+    """(token ids that end an answer, strings an answer's text is cut at): EOS, and the
+    template's answer separator ("###" / "</s>"), as an id too when it is one token."""
+    from vipllava_jax.prompts import TEMPLATES
+
+    sep = TEMPLATES[template].seps[1]
+    stops = [s for s in (sep, tokenizer.eos_token) if s]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    sep_ids = tokenizer.encode(sep, add_special_tokens=False)
+    if len(sep_ids) == 1 and sep_ids[0] != tokenizer.unk_token_id and sep_ids[0] not in eos:
+        eos.append(sep_ids[0])
+    return eos, stops
+
+
+def cut_answer(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the first stop string, stripped."""
+    for s in stops:
+        text = text.split(s, 1)[0]
+    return text.strip()
 
 
 def evaluate(
@@ -206,7 +220,8 @@ def evaluate(
     processor = processor or VipLlavaProcessor.from_pretrained(model_dir)
     model = model or VipLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     predictions = generate_answers(
-        model, processor, questions, batch_size=min(batch_size, len(questions)),
+        model, processor, [q.question for q in questions], [q.image for q in questions],
+        batch_size=min(batch_size, len(questions)),
         max_new_tokens=max_new_tokens, template=template,
     )
     rows = [

@@ -168,10 +168,44 @@ def marker_prompt(scene: Scene, marked: int, marker: str, color: str, style: str
                         style=style, seed=seed)
 
 
-def marked_image(scene: Scene, marked: int, marker: str, color: str, style: str, seed: int):
-    from vipllava_jax.visual_prompts import draw_visual_prompt
+# Markers are drawn as on an image MARKER_CANVAS pixels wide, then enlarged to the image: at
+# the renderer's own scale (sizes proportional to the image side / 336) a 48 px image gets
+# 1 px lines, which a tiny ViT trained from scratch on a CPU budget does not learn to see.
+MARKER_CANVAS = 24
 
-    return draw_visual_prompt(render_scene(scene), marker_prompt(scene, marked, marker, color, style, seed))
+
+def draw_marker(image, vp):
+    """Draws `vp` onto `image` (PIL or array) with the marker sized for a MARKER_CANVAS-wide
+    image (twice the renderer's line widths on the task's 48 px scenes): the marker layer is
+    rendered small and enlarged (nearest) before it is alpha-composited, as the task's images
+    are. Returns an RGB PIL image."""
+    import dataclasses as dc
+
+    from vipllava_jax.processor import load_image
+    from vipllava_jax.visual_prompts import render_layer
+
+    image = load_image(image)
+    w, h = image.size
+    f = min(1.0, MARKER_CANVAS / min(w, h))  # never draw on a canvas larger than the image
+    sw, sh = max(round(w * f), 1), max(round(h * f), 1)
+    small = dc.replace(
+        vp,
+        box=None if vp.box is None else tuple(v * f for v in vp.box),
+        point=None if vp.point is None else tuple(v * f for v in vp.point),
+        mask=None if vp.mask is None else _shrink_mask(vp.mask, (sw, sh)),
+    )
+    layer = render_layer((sw, sh), small).resize((w, h), PIL.Image.Resampling.NEAREST)
+    return PIL.Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")
+
+
+def _shrink_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """[H, W] bool -> [size[1], size[0]]: a pixel is set when any pixel it covers was."""
+    im = PIL.Image.fromarray(np.asarray(mask, np.uint8) * 255)
+    return np.asarray(im.resize(size, PIL.Image.Resampling.BOX)) > 0
+
+
+def marked_image(scene: Scene, marked: int, marker: str, color: str, style: str, seed: int):
+    return draw_marker(render_scene(scene), marker_prompt(scene, marked, marker, color, style, seed))
 
 
 # -- splits ------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Reproduces the embedded tiny VipLlava (vipllava_jax/assets/tiny_vipllava/model) from nothing:
+#   synthetic data + tokenizer + random model -> vipllava-train (CPU) -> Orbax folder -> eval.
+# Usage, from anywhere with the project installed (venv active):
+#   vipllava_jax/assets/tiny_vipllava/make.sh [WORK_DIR] [--ship]
+# --ship copies the result into the package (model/ and the test split in test/).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+WORK="${1:-${TMPDIR:-/tmp}/tiny_vipllava}"
+SHIP="${2:-}"
+mkdir -p "$WORK"
+cd "$WORK"
+
+# 1. data (24000 train scenes x 6 questions; 200 val / 400 test questions, marked twins),
+#    the task's word-level tokenizer, and the random model (Orbax folder + tokenizer) in init/
+rm -rf data init train model
+python -m vipllava_jax.synthetic --out data --train 24000 --val 200 --test 400 --seed 0 --init-model init
+
+# 2. train (paths in train.toml are relative to this folder); wall and CPU time are printed
+/usr/bin/env time -f "vipllava-train: %e s wall, %U s user + %S s sys CPU" \
+    vipllava-train --config "$HERE/train.toml"
+
+# 3. the last checkpoint -> a plain Orbax model folder with the tokenizer files
+python - <<'PY'
+import shutil
+from pathlib import Path
+from vipllava_jax.training.loop import load_trained_model
+
+load_trained_model("train").save_pretrained("model")
+for f in Path("init").iterdir():
+    if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+        shutil.copy2(f, Path("model") / f.name)
+PY
+
+# 4. the accuracy table on the test split (and predictions)
+vipllava-eval --model model --data data/test.jsonl --out test_predictions.jsonl
+
+if [ "$SHIP" = "--ship" ]; then
+    rm -rf "$HERE/model" "$HERE/test"
+    cp -r model "$HERE/model"
+    mkdir -p "$HERE/test/images"
+    cp data/test.jsonl "$HERE/test/test.jsonl"
+    cp -r data/images/test "$HERE/test/images/test"
+    echo "shipped -> $HERE/model, $HERE/test"
+fi
