@@ -109,3 +109,19 @@ def test_tokenizer_covers_both_templates_without_unk(dataset):
                 ids = tok(build_prompt([(q, a), ("x", None)], template=template))["input_ids"]
                 assert ids.count(tok.unk_token_id) == 1, tok.convert_ids_to_tokens(ids)  # the "x"
     assert tok.decode(tok("white###", add_special_tokens=False)["input_ids"]) == "white ###"
+
+
+def test_markers_are_drawn_at_the_training_canvas_size():
+    from vipllava_jax.visual_prompts import VisualPrompt
+
+    scene = synthetic.render_scene(Scene((SceneObject("square", "white", (18, 18, 28, 28)),)))
+    vp = VisualPrompt(marker="rectangle", box=(17, 17, 29, 29), color="red", style="constant")
+    changed = np.any(np.asarray(synthetic.draw_marker(scene, vp)) != np.asarray(scene), axis=-1)
+    ys, xs = np.nonzero(changed)
+    assert (xs.min(), ys.min()) == (16, 16) and (xs.max(), ys.max()) <= (29, 29)
+    assert changed[20:26, 16:18].all() and not changed[20:26, 18:20].any()  # 2 px wide edges
+    # a larger image gets the same marker, proportionally (drawn on a 24 px canvas, enlarged)
+    big = scene.resize((96, 96), 0)
+    vp = VisualPrompt(marker="rectangle", box=(34, 34, 58, 58), color="red", style="constant")
+    changed = np.any(np.asarray(synthetic.draw_marker(big, vp)) != np.asarray(big), axis=-1)
+    assert changed[40:52, 32:36].all() and not changed[40:52, 36:40].any()  # 4 px wide edges

@@ -11,7 +11,7 @@ SHIP="${2:-}"
 mkdir -p "$WORK"
 cd "$WORK"
 
-# 1. data (24000 train scenes x 6 questions; 200 val / 400 test questions, marked twins),
+# 1. data (24000 train scenes x 7 questions; 200 val / 400 test questions, marked twins),
 #    the task's word-level tokenizer, and the random model (Orbax folder + tokenizer) in init/
 rm -rf data init train model
 python -m vipllava_jax.synthetic --out data --train 24000 --val 200 --test 400 --seed 0 --init-model init
