@@ -70,9 +70,9 @@ QUESTIONS: dict[str, str] = {
 }
 CATEGORIES = tuple(QUESTIONS)
 # Asked in training only, two steps every question above depends on: the marker's colour
-# (needs nothing but finding the marker's pixels) and where the marked object is. From a
-# random init, a model taught only the five questions stays at their answer priors for
-# thousands of steps; these answers pull it off that plateau.
+# (needs nothing but finding the marker's pixels) and where the marked object is. Meant to pull
+# a random init off the answer-prior plateau where a model taught only the five questions
+# stays; in the shipped 1800-step run they did not yet (the model still answers from priors).
 AUX_QUESTIONS: dict[str, str] = {
     "marker": "What color is the marker?",
     "where": "Where is the marked object?",
