@@ -83,7 +83,7 @@ def bench_jax(model, batch, new_tokens):
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(pixels), jnp.asarray(mask, jnp.int32))
 
     def run(n):
-        return jax.block_until_ready(gen._generate(graphdef, params, *args, n, sampling, rng))
+        return jax.block_until_ready(gen.run_generate(graphdef, params, *args, n, sampling, rng))
 
     t = time.perf_counter()
     run(new_tokens)

@@ -69,7 +69,7 @@ def main():
     inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pixels), jnp.asarray(mask, jnp.int32))
 
     def run():
-        return jax.block_until_ready(gen._generate(
+        return jax.block_until_ready(gen.run_generate(
             graphdef, params, *inputs, args.new_tokens, sampling, jax.random.key(0)))
 
     run()  # compile

@@ -1,5 +1,6 @@
 """generate() against transformers' PyTorch generate, on tiny random checkpoints."""
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -34,7 +35,7 @@ def prompts(config, **kw):
     return inputs
 
 
-@pytest.mark.parametrize("left_pad", [(0, 3), (5, 0, 2)])
+@pytest.mark.parametrize("left_pad", [(0, 3), (5, 0, 2), (0, 4, 1, 6, 2)])  # 5 rows: CPU plain-dot decode
 def test_greedy_matches_transformers_left_padded_batch(llama, left_pad):
     hf, model = llama
     inputs = prompts(hf.config, batch=len(left_pad), seq=15, left_pad=left_pad)
@@ -144,12 +145,23 @@ def test_sampled_tokens_stay_in_the_top_k_support(llama):
             assert out[row, -1] in allowed[row]
 
 
+def test_cpu_decode_of_larger_batches_skips_ynn_fusions(llama):
+    """Batches of >= 4 rows decode with the program compiled without YNNPACK matmul fusions
+    (its tokens are checked against transformers by the 5-row case above)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a CPU-only choice")
+    hf, model = llama
+    before = gen._decode_plain_dots._cache_size()
+    model.generate(**prompts(hf.config, batch=4, seq=15, left_pad=(0, 1)), max_new_tokens=3, eos_token_id=[])
+    assert gen._plain_dots_ok[0] and gen._decode_plain_dots._cache_size() >= max(before, 1)
+
+
 def test_prompt_buckets_reuse_the_compiled_program(llama):
     hf, model = llama
     model.generate(**prompts(hf.config, batch=2, seq=13), max_new_tokens=4, eos_token_id=[])
-    size = gen._generate._cache_size()
+    size = gen._prefill._cache_size()
     model.generate(**prompts(hf.config, batch=2, seq=15), max_new_tokens=4, eos_token_id=[5])
-    assert gen._generate._cache_size() == size  # 13 and 15 share the bucket of 16
+    assert gen._prefill._cache_size() == size  # 13 and 15 share the bucket of 16
 
 
 def test_streaming_yields_the_same_tokens(llama):

@@ -1,4 +1,5 @@
-"""Generation: prefill once, then a `lax.while_loop` of cached decode steps, one compiled program.
+"""Generation: prefill once, then a `lax.while_loop` of cached decode steps (two compiled
+programs: the prefill, and the whole decode loop).
 
     prompt [B, T] (left-padded to a bucket) + images
       --prefill--> KV cache [B, T + max_new, K, H] per layer, next-token logits
@@ -6,7 +7,7 @@
         run the decoder on it alone against the cache (slot T + step), new logits
 
 Everything that changes per call (sampling knobs, EOS ids, seed) is an array, so calls with
-the same shapes reuse one compiled program. Prompt lengths are rounded up to a bucket for the
+the same shapes reuse the compiled programs. Prompt lengths are rounded up to a bucket for the
 same reason. The state of a generation is one dataclass (`DecodeState`), so streaming can run
 the same decode loop a few steps at a time.
 """
@@ -139,23 +140,48 @@ def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> Decode
 # -- compiled entry points (split once, plain jax.jit) -----------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _generate(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
-              sampling, rng):
-    model = nnx.merge(graphdef, params_state)
-    state = prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens, rng, sampling.pad_id)
-    return decode(model, state, sampling, max_new_tokens).tokens
-
-
-@functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
              pad_id):
     return prefill(nnx.merge(graphdef, params_state), input_ids, pixel_values, attention_mask,
                    max_new_tokens, rng, pad_id)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode(graphdef, params_state, state, sampling, stop_at):
+def _decode_impl(graphdef, params_state, state, sampling, stop_at):
     return decode(nnx.merge(graphdef, params_state), state, sampling, stop_at)
+
+
+_decode = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2)
+
+# XLA:CPU hands matmuls to YNNPACK by default. In the decode loop every matmul has one row per
+# sequence; from a few rows up, XLA's own dot emitter runs them faster (benchmarks/generate.py
+# shapes, same process: batch 8 decode +38% tokens/s, batch 1 -23%, prefill slower), so on CPU
+# the decode program for batches of at least `_PLAIN_DOTS_FROM` rows is compiled without YNN
+# fusions. Elsewhere, or if this XLA does not know the option, the default program runs.
+_PLAIN_DOTS_FROM = 4
+_decode_plain_dots = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2,
+                             compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+_plain_dots_ok = [True]
+
+
+def _decode_call(graphdef, params_state, state: DecodeState, sampling, stop_at) -> DecodeState:
+    """`_decode`, with the compiled program chosen for the platform and batch (see above)."""
+    if _plain_dots_ok[0] and jax.default_backend() == "cpu" and state.done.shape[0] >= _PLAIN_DOTS_FROM:
+        try:
+            return _decode_plain_dots(graphdef, params_state, state, sampling, stop_at)
+        except jax.errors.JaxRuntimeError as e:  # an XLA without the option: fails to compile,
+            if "compile option" not in str(e):  # before anything runs (state not donated yet)
+                raise
+            _plain_dots_ok[0] = False
+    return _decode(graphdef, params_state, state, sampling, stop_at)
+
+
+def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+                 sampling, rng) -> jax.Array:
+    """Prefill, then decode to the end: the new tokens `[B, max_new_tokens]` (device arrays
+    in, no input checks or bucketing; `generate` does those)."""
+    state = _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+                     rng, sampling.pad_id)
+    return _decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
 
 
 # -- the user-facing calls ---------------------------------------------------------------------
@@ -225,7 +251,7 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
                              do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
     if streamer is None:
         graphdef, state = nnx.split(model)
-        tokens = np.asarray(_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
+        tokens = np.asarray(run_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
     else:
         chunks = []
         for chunk in _stream(model, *args, max_new_tokens):
@@ -254,7 +280,7 @@ def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
     emitted = 0
     while emitted < max_new_tokens:
         stop = np.int32(min(emitted + chunk, max_new_tokens))
-        state = _decode(graphdef, params, state, sampling, stop)
+        state = _decode_call(graphdef, params, state, sampling, stop)
         step = int(state.step)
         if step == emitted:  # every row is done
             return
