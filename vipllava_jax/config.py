@@ -253,5 +253,7 @@ class VipLlavaConfig:
             raise ConfigError(f"{file} is not valid JSON: {e}") from None
         return cls.from_hf_dict(d)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        Path(path, "config.json").write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+    def save_pretrained(self, path: str | Path, *, dtype: str | None = None) -> None:
+        """Writes config.json (its `dtype` replaced by `dtype` when given)."""
+        config = self if dtype is None else dataclasses.replace(self, dtype=dtype)
+        Path(path, "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

@@ -194,18 +194,33 @@ def model_params(model: nnx.Module) -> dict[str, jax.Array]:
     return {k: v.get_value() for k, (_, v) in flat_state(nnx.state(model, nnx.Param)).items()}
 
 
-def _write_orbax_folder(tmp: Path, params: dict, config: VipLlavaConfig, dtype: str) -> None:
+def write_orbax_folder(tmp: Path, params: dict, config, dtype: str) -> None:
+    """Params, config.json (any model family's config, saying `dtype`) and the format marker."""
     save_params(params, tmp / PARAMS_DIR)
-    config = VipLlavaConfig(**{**config.__dict__, "dtype": dtype})
-    config.save_pretrained(tmp)
+    config.save_pretrained(tmp, dtype=dtype)
     (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
 
 
 def save_model(model, path, *, overwrite=False) -> None:
+    """`model.save_pretrained` of either family: an Orbax folder in the weights' dtype."""
     params = model_params(model)
     dtype = normalize_dtype(next(iter(params.values())).dtype)
     with atomic_output(path, overwrite=overwrite) as tmp:
-        _write_orbax_folder(tmp, params, model.config, dtype)
+        write_orbax_folder(tmp, params, model.config, dtype)
+
+
+def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping = VIPLLAVA, overwrite=False,
+                    max_shard_bytes=5 * 2**30, progress=False) -> Path:
+    """`model`'s weights as safetensors (names from `mapping`) + config.json in the weights'
+    dtype, with the tokenizer and processor files of `side_files_from`, written atomically."""
+    dst = Path(dst)
+    params = model_params(model)
+    dtype = normalize_dtype(next(iter(params.values())).dtype)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=mapping)
+        model.config.save_pretrained(tmp, dtype=dtype)
+        _copy_side_files(Path(side_files_from), tmp)
+    return dst
 
 
 # -- the two conversions -----------------------------------------------------------------------
@@ -240,7 +255,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Pat
             src, expected, tied_head=config.text_config.tie_word_embeddings, progress=progress,
             convert=lambda _, a: jnp.asarray(np.asarray(a, dtype)),
         )
-        _write_orbax_folder(tmp, params, config, dtype)
+        write_orbax_folder(tmp, params, config, dtype)
         del params
         _copy_side_files(src, tmp)
     return dst
@@ -257,25 +272,16 @@ def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progres
         return ved_orbax_to_hf(src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
     if not is_orbax_folder(src) and not is_training_run:
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")
-    if is_training_run and read_model_type(src) == VED_MODEL_TYPE:
-        from vipllava_jax.training.loop import load_trained_model
-        from vipllava_jax.ved.checkpoint import write_ved_hf
-
-        return write_ved_hf(load_trained_model(src), src, dst, overwrite=overwrite,
-                            max_shard_bytes=max_shard_bytes, progress=progress)
-    config = VipLlavaConfig.from_pretrained(src)
+    mapping = VIPLLAVA
     if is_training_run:
         from vipllava_jax.training.loop import load_trained_model
 
         model = load_trained_model(src)
-        config = VipLlavaConfig(**{**config.__dict__, "dtype": normalize_dtype(
-            next(iter(model_params(model).values())).dtype)})
+        if read_model_type(src) == VED_MODEL_TYPE:
+            from vipllava_jax.ved.checkpoint import VED_MAPPING as mapping
     else:
         from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
 
-        model = Model.from_pretrained(src, dtype=config.dtype)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        write_hf_params(model_params(model), tmp, max_shard_bytes=max_shard_bytes, progress=progress)
-        config.save_pretrained(tmp)
-        _copy_side_files(src, tmp)
-    return dst
+        model = Model.from_pretrained(src, dtype=VipLlavaConfig.from_pretrained(src).dtype)
+    return write_hf_folder(model, src, dst, mapping=mapping, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes, progress=progress)

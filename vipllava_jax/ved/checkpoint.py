@@ -12,7 +12,6 @@ Conv1D is already `[in, out]` and is not.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -22,10 +21,10 @@ import numpy as np
 from flax import nnx
 
 from vipllava_jax.checkpoint import (
-    FORMAT, MARKER, PARAMS_DIR, _copy_side_files, atomic_output, flat_state, is_orbax_folder, load_into,
-    model_params, normalize_dtype, save_params,
+    MARKER, _copy_side_files, atomic_output, flat_state, is_orbax_folder, load_into, normalize_dtype,
+    write_hf_folder, write_orbax_folder,
 )
-from vipllava_jax.checkpoint.hf import read_hf_params, write_hf_params
+from vipllava_jax.checkpoint.hf import read_hf_params
 from vipllava_jax.checkpoint.mapping import LEAVES, KeyMapping, Leaf
 from vipllava_jax.errors import CheckpointError
 from vipllava_jax.ved.config import VisionEncoderDecoderConfig
@@ -74,12 +73,6 @@ def _abstract_params(config: VisionEncoderDecoderConfig, dtype) -> dict[str, jax
     return {k: jax.ShapeDtypeStruct(v.get_value().shape, dtype) for k, (_, v) in flat_state(state).items()}
 
 
-def _write_orbax_folder(tmp: Path, params: dict, config: VisionEncoderDecoderConfig, dtype: str) -> None:
-    save_params(params, tmp / PARAMS_DIR)
-    config.save_pretrained(tmp, dtype=dtype)
-    (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
-
-
 def load_ved(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules=None):
     """See `VisionEncoderDecoderModel.from_pretrained`."""
     path = Path(path)
@@ -88,13 +81,6 @@ def load_ved(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules=N
     abstract = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
     return load_into(abstract, path, param_dtype=param_dtype, mesh=mesh, rules=rules,
                      tied_head=config.decoder.tie_word_embeddings, mapping=VED_MAPPING)
-
-
-def save_ved(model, path, *, overwrite: bool = False) -> None:
-    params = model_params(model)
-    dtype = normalize_dtype(next(iter(params.values())).dtype)
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        _write_orbax_folder(tmp, params, model.config, dtype)
 
 
 def ved_hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Path:
@@ -108,7 +94,7 @@ def ved_hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) ->
             src, expected, tied_head=config.decoder.tie_word_embeddings, progress=progress,
             convert=lambda _, a: jnp.asarray(np.asarray(a, dtype)), mapping=VED_MAPPING,
         )
-        _write_orbax_folder(tmp, params, config, dtype)
+        write_orbax_folder(tmp, params, config, dtype)
         del params
         _copy_side_files(src, tmp)
     return dst
@@ -124,18 +110,5 @@ def ved_orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, pro
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER})")
     config = VisionEncoderDecoderConfig.from_pretrained(src)
     model = VisionEncoderDecoderModel.from_pretrained(src, dtype=config.dtype)
-    return write_ved_hf(model, src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
-
-
-def write_ved_hf(model, side_files_from, dst, *, overwrite=False, max_shard_bytes=5 * 2**30,
-                 progress=False) -> Path:
-    """`model`'s weights as safetensors + config.json (in the weights' dtype), with the
-    tokenizer and processor files of `side_files_from`, written atomically to `dst`."""
-    dst = Path(dst)
-    params = model_params(model)
-    dtype = normalize_dtype(next(iter(params.values())).dtype)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=VED_MAPPING)
-        model.config.save_pretrained(tmp, dtype=dtype)
-        _copy_side_files(Path(side_files_from), tmp)
-    return dst
+    return write_hf_folder(model, src, dst, mapping=VED_MAPPING, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes, progress=progress)

@@ -111,9 +111,9 @@ class VisionEncoderDecoderModel(nnx.Module):
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Writes the Orbax folder that `from_pretrained` reads."""
-        from vipllava_jax.ved.checkpoint import save_ved
+        from vipllava_jax.checkpoint import save_model
 
-        save_ved(self, path, overwrite=overwrite)
+        save_model(self, path, overwrite=overwrite)
 
     # -- forward --------------------------------------------------------------------------------
 
