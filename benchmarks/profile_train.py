@@ -1,0 +1,77 @@
+"""Where a train step's time goes: XLA's own per-op timings, summed by op kind.
+
+    python benchmarks/profile_train.py [--batch 4] [--text-tokens 128] [--top 25]
+
+One step of benchmarks/train.py (the "bench-158M" model, stage "full", fp32, 1 device) under
+`jax.profiler.trace`; prints milliseconds per op kind as benchmarks/profile_generate.py does
+(`ynn_fusion` = the matmuls XLA hands to YNNPACK, `dot`/`convolution` = matmuls it emits itself,
+`copy_*`/`transpose_*` = layout passes, `*_fusion` = elementwise passes). With `--hlo NAME`,
+also prints the HLO of the op kinds whose name starts with NAME (what a fusion computes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import bench_config  # noqa: E402
+from profile_generate import op_times  # noqa: E402
+from train import make_batch  # noqa: E402
+
+from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
+from vipllava_jax.training import (  # noqa: E402
+    TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
+)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--remat", default="none")
+    p.add_argument("--hlo", default=None, help="print the HLO of op kinds starting with this")
+    args = p.parse_args()
+    from transformers import VipLlavaForConditionalGeneration as TorchModel
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        TorchModel(bench_config()).save_pretrained(tmp)
+        model = VipLlavaForConditionalGeneration.from_pretrained(tmp)
+    ids, labels, mask, pixels = make_batch(args.batch, args.text_tokens)
+    mesh = mesh_from_spec("data=1", jax.devices()[:1])
+    config = TrainConfig(stage="full", remat=args.remat)
+    graphdef, state, shardings = init_train_state(model, config, mesh)
+    del model
+    step = make_train_step(graphdef, config, mesh, shardings)
+    batch = shard_batch({"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
+                         "attention_mask": mask.astype(np.int32), "pixel_values": pixels}, mesh)
+    state, metrics = step(state, batch)  # compile
+    jax.block_until_ready((state, metrics))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            state, metrics = step(state, batch)
+            jax.block_until_ready((state, metrics))
+        kinds = op_times(trace_dir)
+    total = sum(kinds.values())
+    print(f"batch {args.batch} x {ids.shape[1]} tokens, remat {args.remat}: "
+          f"{total / 1e3:.0f} ms in XLA ops")
+    for kind, us in kinds.most_common(args.top):
+        print(f"{us / 1e3:10.1f} ms {us / total:6.1%}  {kind}")
+    if args.hlo:
+        text = step.lower(state, batch).compile().as_text()
+        for block in text.split("\n\n"):
+            if any(line.lstrip().startswith(f"%{args.hlo}") or f" {args.hlo}" in line.split("=")[0]
+                   for line in block.splitlines()[:1]):
+                print(block[:3000])
+
+
+if __name__ == "__main__":
+    main()
