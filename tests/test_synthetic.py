@@ -4,6 +4,7 @@ import hashlib
 import json
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from vipllava_jax import synthetic
@@ -114,14 +115,32 @@ def test_tokenizer_covers_both_templates_without_unk(dataset):
 def test_markers_are_drawn_at_the_training_canvas_size():
     from vipllava_jax.visual_prompts import VisualPrompt
 
+    assert synthetic.MARKER_CANVAS == 12  # 48 px scenes: lines 4 px wide (1 px on the canvas)
+    edge = synthetic.IMAGE_SIZE // synthetic.MARKER_CANVAS
     scene = synthetic.render_scene(Scene((SceneObject("square", "white", (18, 18, 28, 28)),)))
     vp = VisualPrompt(marker="rectangle", box=(17, 17, 29, 29), color="red", style="constant")
     changed = np.any(np.asarray(synthetic.draw_marker(scene, vp)) != np.asarray(scene), axis=-1)
     ys, xs = np.nonzero(changed)
-    assert (xs.min(), ys.min()) == (16, 16) and (xs.max(), ys.max()) <= (29, 29)
-    assert changed[20:26, 16:18].all() and not changed[20:26, 18:20].any()  # 2 px wide edges
-    # a larger image gets the same marker, proportionally (drawn on a 24 px canvas, enlarged)
+    assert (xs.min(), ys.min()) == (16, 16) and (xs.max(), ys.max()) == (31, 31)
+    assert changed[20:28, 16:16 + edge].all() and not changed[20:28, 16 + edge:24].any()
+    # a larger image gets the same marker, proportionally (drawn on the canvas, enlarged)
     big = scene.resize((96, 96), 0)
     vp = VisualPrompt(marker="rectangle", box=(34, 34, 58, 58), color="red", style="constant")
     changed = np.any(np.asarray(synthetic.draw_marker(big, vp)) != np.asarray(big), axis=-1)
-    assert changed[40:52, 32:36].all() and not changed[40:52, 36:40].any()  # 4 px wide edges
+    assert changed[40:56, 32:32 + 2 * edge].all() and not changed[40:56, 32 + 2 * edge:48].any()
+
+
+def test_marker_only_records_show_the_marker_without_objects(tmp_path):
+    write_dataset(tmp_path, train=4, val=2, test=2, markers=20)
+    alone = _records(tmp_path, "markers")
+    assert len(alone) == 20 and {r["category"] for r in alone} == {"marker_only"}
+    assert {r["marked"] for r in alone} == {0, 1, 2}
+    for r in alone:
+        pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+        coloured = (pixels.max(-1) - pixels.min(-1)) > 0  # the scene is achromatic: the marker
+        grey = ~coloured & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+        assert coloured.any() and not grey.any()  # no object pixels at all
+        turns = {c["value"].removeprefix("<image>\n"): a["value"]
+                 for c, a in zip(r["conversations"][::2], r["conversations"][1::2])}
+        assert turns == {synthetic.AUX_QUESTIONS["marker"]: r["marker_color"],
+                         synthetic.AUX_QUESTIONS["where"]: synthetic.POSITIONS[r["marked"]]}
