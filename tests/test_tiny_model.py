@@ -21,12 +21,35 @@ def jax_eval():
 
 
 @pytest.mark.xfail(strict=False, reason="the shipped model does not reach the target yet: "
-                   "41% on the test split, 7% of twin pairs (it answers from the question's prior)")
+                   "46% on the test split, 14% of twin pairs (it finds the marker, see below, but "
+                   "answers the marked object's colour and shape from the question's prior)")
 def test_shipped_model_answers_about_the_marked_object(jax_eval):
     summary, rows = jax_eval
     assert summary["total"] == N and len(summary["categories"]) == 5
     assert summary["accuracy"] >= 0.95, summary
     assert summary["pairs"]["total"] == N // 2 and summary["pairs"]["accuracy"] >= 0.9, summary
+
+
+def test_shipped_model_finds_the_marker_in_held_out_scenes(tmp_path):
+    """"Where is the marked object?" (a training-only question) on the test split's scenes:
+    the answer is the marked object's grid column, known from the generator; each scene comes
+    twice with the marker on different objects, so ignoring the marker fails the pair."""
+    import json
+
+    from vipllava_jax.synthetic import AUX_QUESTIONS, POSITIONS
+
+    where = tmp_path / "where.jsonl"
+    with open(TEST_SPLIT) as src, open(where, "w") as dst:
+        for line in src:
+            r = json.loads(line)
+            r["category"] = "where"
+            r["conversations"] = [{"from": "human", "value": "<image>\n" + AUX_QUESTIONS["where"]},
+                                  {"from": "gpt", "value": POSITIONS[r["marked"]]}]
+            dst.write(json.dumps(r) + "\n")
+    summary, _ = evaluate(EMBEDDED_MODEL, where, image_folder=TEST_SPLIT.parent, batch_size=32,
+                          max_new_tokens=4, limit=N)
+    assert summary["total"] == N
+    assert summary["accuracy"] >= 0.95 and summary["pairs"]["accuracy"] >= 0.9, summary
 
 
 def test_exported_model_gives_the_same_answers_in_transformers(jax_eval, tmp_path):

@@ -3,12 +3,13 @@
 The embedded model (`assets/tiny_vipllava/model`, an Orbax folder with its tokenizer) is a
 VipLlava trained from scratch on the synthetic visual-prompt task (`vipllava_jax.synthetic`;
 `assets/tiny_vipllava/make.sh` reproduces it). By default the demo draws a red rectangle around
-the middle object of the bundled scene (`assets/demo.png`), asks what colour the marked object
-is, prints the answer and writes the marked image. `--image/--box/--marker/--color/--question`
+the middle object of the bundled scene (`assets/demo.png`), asks where the marked object is
+(what the shipped model answers reliably; it does not yet read the marked object's own colour
+or shape), prints the answer and writes the marked image. `--image/--box/--marker/--color/--question`
 take your own (the tiny model only knows scenes like the bundled one: three shapes, white,
-black or gray, in a row across the middle, and the five questions of the task). Markers are
-drawn as the task's training images have them (`synthetic.draw_marker`: line widths of a
-24 px wide image, enlarged), whatever the image size.
+black or gray, in a row across the middle, the five questions of the task and the two
+auxiliary ones). Markers are drawn as the task's training images have them
+(`synthetic.draw_marker`: line widths of a 12 px wide image, enlarged), whatever the image size.
 
 With torch installed, the same checkpoint is exported to transformers (`orbax_to_hf`) and
 transformers' PyTorch `generate` answers the same prompt: the demo prints both answers and
@@ -29,7 +30,7 @@ ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny_vipllava" / "model"
 DEMO_IMAGE = ASSETS / "demo.png"
 DEMO_BOX = (17, 17, 29, 29)  # the middle object of demo.png (a white square), padded by 1 px
-DEMO_QUESTION = "What color is the marked object?"
+DEMO_QUESTION = "Where is the marked object?"  # the answer here: middle
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
