@@ -5,8 +5,7 @@
 One step of benchmarks/train.py (the "bench-158M" model, stage "full", fp32, 1 device) under
 `jax.profiler.trace`; prints milliseconds per op kind as benchmarks/profile_generate.py does
 (`ynn_fusion` = the matmuls XLA hands to YNNPACK, `dot`/`convolution` = matmuls it emits itself,
-`copy_*`/`transpose_*` = layout passes, `*_fusion` = elementwise passes). With `--hlo NAME`,
-also prints the HLO of the op kinds whose name starts with NAME (what a fusion computes).
+`copy_*`/`transpose_*` = layout passes, `*_fusion` = elementwise passes).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ def main():
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--remat", default="none")
-    p.add_argument("--hlo", default=None, help="print the HLO of op kinds starting with this")
     args = p.parse_args()
     from transformers import VipLlavaForConditionalGeneration as TorchModel
 
@@ -65,12 +63,6 @@ def main():
           f"{total / 1e3:.0f} ms in XLA ops")
     for kind, us in kinds.most_common(args.top):
         print(f"{us / 1e3:10.1f} ms {us / total:6.1%}  {kind}")
-    if args.hlo:
-        text = step.lower(state, batch).compile().as_text()
-        for block in text.split("\n\n"):
-            if any(line.lstrip().startswith(f"%{args.hlo}") or f" {args.hlo}" in line.split("=")[0]
-                   for line in block.splitlines()[:1]):
-                print(block[:3000])
 
 
 if __name__ == "__main__":

@@ -36,15 +36,14 @@ def test_shipped_model_finds_the_marker_in_held_out_scenes(tmp_path):
     twice with the marker on different objects, so ignoring the marker fails the pair."""
     import json
 
-    from vipllava_jax.synthetic import AUX_QUESTIONS, POSITIONS
+    from vipllava_jax.synthetic import AUX_QUESTIONS, POSITIONS, _conversation
 
     where = tmp_path / "where.jsonl"
     with open(TEST_SPLIT) as src, open(where, "w") as dst:
         for line in src:
             r = json.loads(line)
             r["category"] = "where"
-            r["conversations"] = [{"from": "human", "value": "<image>\n" + AUX_QUESTIONS["where"]},
-                                  {"from": "gpt", "value": POSITIONS[r["marked"]]}]
+            r["conversations"] = _conversation([(AUX_QUESTIONS["where"], POSITIONS[r["marked"]])])
             dst.write(json.dumps(r) + "\n")
     summary, _ = evaluate(EMBEDDED_MODEL, where, image_folder=TEST_SPLIT.parent, batch_size=32,
                           max_new_tokens=4, limit=N)

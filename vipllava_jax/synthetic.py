@@ -272,23 +272,22 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
         if not held_out:
             marked = int(rng.integers(NUM_OBJECTS))
             name = f"{split}-{i:06d}"
+            aux = [(AUX_QUESTIONS["marker"], color), (AUX_QUESTIONS["where"], POSITIONS[marked])]
             if rng.random() < marker_only:  # the marker alone, where an object would be
-                vp = marker_prompt(scene, marked, marker, color, "random", marker_seed)
-                empty = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
-                draw_marker(empty, vp).save(image_dir / f"{name}.png")
-                turns = [(AUX_QUESTIONS["marker"], color), (AUX_QUESTIONS["where"], POSITIONS[marked])]
-                records.append({"id": name, "image": f"images/{split}/{name}.png",
-                                "conversations": _conversation(turns[:: 1 - 2 * int(rng.integers(2))]),
-                                "category": "marker_only", "marker": marker, "marker_color": color,
-                                "marked": marked})
-                continue
-            marked_image(scene, marked, marker, color, "random", marker_seed).save(image_dir / f"{name}.png")
-            order = rng.permutation(len(CATEGORIES))
-            turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
-            for aux, value in (("marker", color), ("where", POSITIONS[marked])):
-                turns.insert(int(rng.integers(len(turns) + 1)), (AUX_QUESTIONS[aux], value))
+                image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+                category, turns = "marker_only", aux
+                if rng.integers(2):
+                    turns.reverse()
+            else:
+                image, category = render_scene(scene), "all"
+                order = rng.permutation(len(CATEGORIES))
+                turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
+                for turn in aux:
+                    turns.insert(int(rng.integers(len(turns) + 1)), turn)
+            vp = marker_prompt(scene, marked, marker, color, "random", marker_seed)
+            draw_marker(image, vp).save(image_dir / f"{name}.png")
             records.append({"id": name, "image": f"images/{split}/{name}.png",
-                            "conversations": _conversation(turns), "category": "all",
+                            "conversations": _conversation(turns), "category": category,
                             "marker": marker, "marker_color": color, "marked": marked})
             continue
         category = CATEGORIES[i % len(CATEGORIES)]  # balanced categories
