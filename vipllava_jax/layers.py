@@ -36,6 +36,20 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return ACTIVATIONS[name]
 
 
+class Linear(nnx.Linear):
+    """An nnx.Linear applied to its input flattened to 2-D (`[..., in]` -> `[N, in]`).
+
+    Same parameters and numerics. On CPU, XLA computes the weight gradient `x^T dy` of a 2-D
+    matmul from the operands as they are, where for `[B, T, in]` inputs it first copies the
+    activations into a transposed layout (the `copy_*` fusions of benchmarks/profile_train.py).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        y = super().__call__(x.reshape(-1, x.shape[-1]))
+        return y.reshape(*lead, y.shape[-1])
+
+
 def linear(
     din: int,
     dout: int,
@@ -45,9 +59,9 @@ def linear(
     dtype: DType,
     param_dtype: DType,
     rngs: nnx.Rngs,
-) -> nnx.Linear:
-    """An nnx.Linear (kernel `[in, out]`) whose kernel and bias carry logical axis names."""
-    return nnx.Linear(
+) -> Linear:
+    """A `Linear` (kernel `[in, out]`) whose kernel and bias carry logical axis names."""
+    return Linear(
         din,
         dout,
         use_bias=bias,

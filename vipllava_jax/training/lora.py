@@ -9,7 +9,7 @@ very same `kernel` and `bias` variables (so their paths, `...q_proj.kernel`, and
 checkpoint names do not change) and adds `lora_a` / `lora_b` of type `LoRAParam`, which the
 "lora" training stage selects. As in peft, A starts uniform(+-1/sqrt(in)) and B at zero, so an
 adapted model starts out equal to its base. `merge_lora` folds the adapters into the kernels
-and puts plain `nnx.Linear`s back: the result saves, converts and loads like any VipLlava.
+and puts plain `layers.Linear`s back: the result saves, converts and loads like any VipLlava.
 
 No dropout on the adapter input: VipLlava has none elsewhere, and a deterministic step keeps
 resumed runs bit-equal to uninterrupted ones.
@@ -23,6 +23,8 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from vipllava_jax.layers import Linear
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -58,13 +60,13 @@ class LoRALinear(nnx.Module):
         low = (x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
         return y + (self.scale * low).astype(dtype)
 
-    def merged(self) -> nnx.Linear:
-        """A plain nnx.Linear with `W + scale * A B` (computed in float32), same variables'
+    def merged(self) -> Linear:
+        """A plain `layers.Linear` with `W + scale * A B` (computed in float32), same variables'
         metadata, so paths and shardings are those of the layer before `add_lora`."""
         kernel = self.kernel[...]
         delta = self.scale * (self.lora_a[...].astype(jnp.float32) @ self.lora_b[...].astype(jnp.float32))
         din, dout = kernel.shape
-        linear = nnx.eval_shape(lambda: nnx.Linear(
+        linear = nnx.eval_shape(lambda: Linear(
             din, dout, use_bias=self.bias is not None, dtype=self.dtype, param_dtype=kernel.dtype,
             rngs=nnx.Rngs(0)))
         linear.kernel = nnx.Param((kernel.astype(jnp.float32) + delta).astype(kernel.dtype),
