@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vipllava_jax.layers import Linear
+from vipllava_jax.layers import Linear, on_rows
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
@@ -52,6 +52,9 @@ class LoRALinear(nnx.Module):
         self.lora_b = LoRAParam(jnp.zeros((rank, dout), base.param_dtype), out_sharding=(None, axes[1]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return on_rows(self._rows, x)  # as layers.Linear: no transposed copy of x in backward
+
+    def _rows(self, x: jax.Array) -> jax.Array:
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
         y = x @ self.kernel[...].astype(dtype)
