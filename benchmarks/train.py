@@ -17,6 +17,16 @@ ratio, and the fraction of this machine's matmul peak (jitted 2048x2048 fp32 mat
 in this run) reached by each, counting model FLOPs per step as vipllava-train does for its MFU
 (`training.loop.train_flops_per_token`: 6 per trainable weight, 2 per frozen vision weight,
 attention 12 x layers x tokens x width, per token), next to XLA's own count of the step.
+
+On a GPU (JAX only, random init):
+
+    python benchmarks/train.py --model 1b --dtype bfloat16 --batch 8 --text-tokens 447 --no-torch
+
+"1b" is CLIP ViT-L/14 at 336 px (576 image tokens, frozen) + a TinyLlama-sized decoder (2048
+wide x 22 layers, MLP 5632); `--dtype bfloat16` computes in bf16 with fp32 master weights and
+optimizer state. MFU is then also printed against the card's data-sheet bf16 peak.
+`--attention cudnn` swaps the decoder's attention for cuDNN's fused causal kernel (valid
+here because the benchmark batch has no padding): what a fused kernel would add.
 """
 
 from __future__ import annotations
@@ -34,32 +44,43 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import IMAGE_TOKEN, bench_config, machine_roofline  # noqa: E402
+from generate import (  # noqa: E402
+    IMAGE_TOKEN, SHAPES, bench_config, datasheet, image_tokens, machine_roofline, random_model,
+)
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
+from vipllava_jax.config import VipLlavaConfig  # noqa: E402
 from vipllava_jax.training import (  # noqa: E402
     TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
 )
 from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
 
-IMAGE_TOKENS = 256
-
-
-def make_batch(batch: int, text_tokens: int, seed: int = 0):
+def make_batch(batch: int, text_tokens: int, config, seed: int = 0):
+    n_img, size = image_tokens(config), config.vision_config.image_size
     rng = np.random.default_rng(seed)
-    ids = np.concatenate([np.ones((batch, 1), np.int64), np.full((batch, IMAGE_TOKENS), IMAGE_TOKEN),
+    ids = np.concatenate([np.ones((batch, 1), np.int64), np.full((batch, n_img), IMAGE_TOKEN),
                           rng.integers(3, 32000, (batch, text_tokens))], axis=1)
     labels = np.where(ids == IMAGE_TOKEN, -100, ids)
     labels[:, 0] = -100
-    pixels = rng.standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    pixels = rng.standard_normal((batch, 3, size, size)).astype(np.float32)
     return ids, labels, np.ones_like(ids), pixels
 
 
-def bench_jax(path, data, repeat):
+def use_cudnn_attention():
+    """The decoder's training attention -> cuDNN's fused causal kernel (no padding mask)."""
+    from vipllava_jax import llama
+
+    def causal(q, k, v, mask, scale):
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                            implementation="cudnn")
+
+    llama.attention = causal
+
+
+def bench_jax(model, data, repeat, bench_cfg, remat="none"):
     ids, labels, mask, pixels = data
-    model = VipLlavaForConditionalGeneration.from_pretrained(path, dtype="float32", param_dtype="float32")
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
-    config = TrainConfig(stage="full")
+    config = TrainConfig(stage="full", remat=remat)
     graphdef, state, shardings = init_train_state(model, config, mesh)
     del model
     step = make_train_step(graphdef, config, mesh, shardings)
@@ -67,15 +88,16 @@ def bench_jax(path, data, repeat):
                          "attention_mask": mask.astype(np.int32), "pixel_values": pixels}, mesh)
     n_train = sum(x.size for x in jax.tree.leaves(state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
-    text = bench_config().text_config
+    text = bench_cfg.text_config
     flops = ids.size * train_flops_per_token(
         state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=ids.shape[1])
-    xla_flops = step.lower(state, batch).compile().cost_analysis().get("flops", float("nan"))
-
     t = time.perf_counter()
+    step = step.lower(state, batch).compile()  # compiled once: timed here, then run below
+    compile_s = time.perf_counter() - t
+    xla_flops = step.cost_analysis().get("flops", float("nan"))
+
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    first = time.perf_counter() - t  # compile + one step
     losses = [float(metrics["loss"])]
     best = float("inf")
     for _ in range(repeat):
@@ -84,7 +106,7 @@ def bench_jax(path, data, repeat):
         jax.block_until_ready((state, metrics))
         best = min(best, time.perf_counter() - t)
         losses.append(float(metrics["loss"]))
-    return best, first - best, losses, n_train, n_frozen, flops, xla_flops
+    return best, compile_s, losses, n_train, n_frozen, flops, xla_flops
 
 
 def bench_torch(ref, data, repeat):
@@ -116,31 +138,59 @@ def bench_torch(ref, data, repeat):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=sorted(SHAPES), default="bench-158M")
+    p.add_argument("--dtype", default="float32", help="JAX compute dtype (parameters stay fp32)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--remat", default="none", help="TrainConfig.remat: none, dots or full")
+    p.add_argument("--attention", choices=["default", "cudnn"], default="default")
+    p.add_argument("--no-torch", action="store_true", help="JAX only (random init, no reference)")
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count())
-    from transformers import VipLlavaForConditionalGeneration as TorchModel
-
-    torch.manual_seed(0)
-    ref = TorchModel(bench_config())
-    data = make_batch(args.batch, args.text_tokens)
+    if args.attention == "cudnn":
+        use_cudnn_attention()
+    cfg = bench_config(args.model)
+    data = make_batch(args.batch, args.text_tokens, cfg)
     tokens = data[0].shape[1]
-    gflops, _ = machine_roofline()
-    with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp)
-        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(tmp, data, args.repeat)
-    tt, tl = bench_torch(ref, data, args.repeat)
+    gflops, _ = machine_roofline(args.dtype)
+    sheet = datasheet()
+    if args.no_torch:
+        model = random_model(VipLlavaConfig.from_hf_dict(cfg.to_dict()), args.dtype, "float32")
+        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
+        tt = tl = None
+    else:
+        torch.set_num_threads(os.cpu_count())
+        from transformers import VipLlavaForConditionalGeneration as TorchModel
+
+        torch.manual_seed(0)
+        ref = TorchModel(cfg)
+        with tempfile.TemporaryDirectory() as tmp:
+            ref.save_pretrained(tmp)
+            model = VipLlavaForConditionalGeneration.from_pretrained(
+                tmp, dtype=args.dtype, param_dtype="float32")
+        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
+        tt, tl = bench_torch(ref, data, args.repeat)
     n_tok = args.batch * tokens
 
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"torch {torch.__version__}")
-    print(f"model: {(n_train + n_frozen) / 1e6:.0f}M params fp32 ({n_train / 1e6:.1f}M trained, "
-          f"{n_frozen / 1e6:.1f}M frozen vision); batch {args.batch} x {tokens} tokens; "
+    print(f"model: {args.model}, {(n_train + n_frozen) / 1e6:.0f}M params fp32 ({n_train / 1e6:.1f}M trained, "
+          f"{n_frozen / 1e6:.1f}M frozen vision), compute {args.dtype}, remat {args.remat}, "
+          f"attention {args.attention}; batch {args.batch} x {tokens} tokens; "
           f"{flops / 1e9:.0f} GFLOP per step (XLA counts {xla_flops / 1e9:.0f})")
-    print(f"machine: matmul {gflops:.1f} GFLOP/s (jitted 2048x2048 fp32)")
+    print(f"machine: matmul {gflops:.1f} GFLOP/s (jitted, {args.dtype})"
+          + (f"; data sheet {sheet[0] / 1e12:.0f} TFLOP/s bf16" if sheet else ""))
     print(f"losses (first step, then timed): jax {' '.join(f'{x:.4f}' for x in jl)}")
+    if tt is None:
+        print(f"{'':24}{'jax':>12}")
+        print(f"{'step (s)':24}{jt:12.3f}")
+        print(f"{'tokens/s':24}{n_tok / jt:12.1f}")
+        print(f"{'GFLOP/s':24}{flops / jt / 1e9:12.1f}")
+        print(f"{'fraction of matmul peak':24}{flops / jt / 1e9 / gflops:12.0%}")
+        if sheet:
+            print(f"{'MFU (data-sheet peak)':24}{flops / jt / sheet[0]:12.1%}")
+        print(f"{'compile (s)':24}{jc:12.1f}")
+        return
     print(f"                                 torch {' '.join(f'{x:.4f}' for x in tl)}")
     print(f"{'':24}{'jax':>12}{'torch':>12}{'jax/torch':>12}")
     print(f"{'step (s)':24}{jt:12.3f}{tt:12.3f}{tt / jt:12.2f}x faster")
