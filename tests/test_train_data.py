@@ -283,6 +283,31 @@ def test_bad_records_are_skipped_and_counted(processor, tmp_path):
         list(make_loader(processor, path, strict=True, batch_size=1, num_epochs=1, shuffle=False))
 
 
+def test_worker_processes_load_what_threads_load(processor, tmp_path):
+    """worker_type="processes": the same batches, skips and stats as threads; a strict error
+    still names the record's line."""
+    records = numbered_records(8)
+    records[1]["_missing"] = True  # its image is never written
+    path = write_dataset(tmp_path, records, bad_lines=[(3, '{"id": "broken", ')])
+    kw = dict(batch_size=2, num_epochs=2, seed=3)
+    threads, processes = make_loader(processor, path, **kw), make_loader(
+        processor, path, worker_type="processes", **kw)
+    expected, got = list(threads), list(processes)
+    assert len(got) == len(expected) == 7  # 7 usable records x 2 epochs, in pairs
+    for a, b in zip(expected, got):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert processes.stats == threads.stats
+    assert processes.stats["skipped_bad_image"] == 2 and processes.stats["skipped_bad_json"] == 2
+
+    with pytest.raises(VipLlavaError, match=r"data.jsonl line 2: cannot read image .*1.png"):
+        list(make_loader(processor, write_dataset(tmp_path, records), strict=True, batch_size=1,
+                         num_epochs=1, shuffle=False, worker_type="processes"))
+    with pytest.raises(VipLlavaError, match="worker_type must be one of"):
+        make_loader(processor, path, worker_type="fibers")
+
+
 def test_json_list_files(processor, tmp_path):
     path = write_dataset(tmp_path, numbered_records(4), jsonl=False)
     loader = make_loader(processor, path, batch_size=2, num_epochs=1, shuffle=False)

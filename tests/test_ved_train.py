@@ -57,7 +57,8 @@ def test_loss_terms_match_transformers_loss(workspace):
     np.testing.assert_allclose(float(nll / count), want, rtol=1e-5)
 
 
-def test_caption_loader_makes_eos_terminated_labels(workspace, tmp_path):
+@pytest.mark.parametrize("workers", [(0, "threads"), (2, "processes")], ids=["inline", "processes"])
+def test_caption_loader_makes_eos_terminated_labels(workspace, tmp_path, workers):
     from transformers import AutoTokenizer
 
     _, root = workspace
@@ -72,7 +73,7 @@ def test_caption_loader_makes_eos_terminated_labels(workspace, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     loader = CaptionDataLoader(data, root / "images", tokenizer, image_preprocessor(root / "model", 32),
                                eos_token_id=2, batch_size=2, max_length=4, shuffle=False, num_epochs=1,
-                               num_workers=0)
+                               num_workers=workers[0], worker_type=workers[1])
     (batch,) = list(loader)
     ids = tokenizer("a red square", add_special_tokens=False)["input_ids"]
     np.testing.assert_array_equal(batch["labels"][0], ids + [2])

@@ -36,11 +36,16 @@ host `p` of `P` takes every P-th record of it. `state_dict()` (epoch, index into
 share, stats) is taken at batch boundaries, so a loader restored from it yields exactly the
 batches the original would have yielded next.
 
-Loading runs in a thread pool that works ahead of the consumer: JSON parsing, tokenization
-(the Rust tokenizer), PIL decoding and resizing (which release the GIL) overlap the training
-step. Threads rather than processes: no pickling of the tokenizer or images and no new
-dependency; grain (installable) would add array-record, protobuf, etils, absl and cloudpickle
-for features (sharding, seeded shuffle, resumable position) that take a few lines here.
+Loading runs in workers that work ahead of the consumer, so that JSON parsing, tokenization
+and image decoding overlap the training step: `worker_type="threads"` (the default: no new
+processes, nothing pickled) or `"processes"` (spawned processes, each with a copy of the
+loader; a job sends one record's JSON line and returns the row and image). Threads share the
+GIL: on a 2-core CPU 2 threads load fewer records/s than the consuming thread alone (660-770
+against 990-1280, `benchmarks/loader.py`), and on a 16-core GPU host 8 threads fed the tiny
+model only ~830 records/s. Processes are what scales with cores (on 2 cores they only match
+the consuming thread: the cores are the limit there). grain (installable) would add
+array-record, protobuf, etils, absl and cloudpickle for features (sharding, seeded shuffle,
+resumable position, worker processes) that take a few lines here.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,6 +81,9 @@ class SkipRecord(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self):  # crosses from worker processes intact
+        return SkipRecord, (self.reason, str(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,13 +323,27 @@ class Annotations:
             SkipRecord("bad_json"): the line is not valid JSON.
             SkipRecord("malformed"): it is not a JSON object.
         """
-        try:
-            record = json.loads(self._lines[i])
-        except json.JSONDecodeError as e:
-            raise SkipRecord("bad_json", f"invalid JSON: {e.msg}") from None
-        if not isinstance(record, dict):
-            raise SkipRecord("malformed", f"expected a JSON object, got {type(record).__name__}")
-        return record
+        return parse_record(self._lines[i])
+
+    def line(self, i: int) -> bytes:
+        """Record `i` as its JSON bytes (what a worker process is sent)."""
+        return self._lines[i]
+
+
+def parse_record(line: bytes) -> dict[str, Any]:
+    """One annotation record from its JSON bytes.
+
+    Raises:
+        SkipRecord("bad_json"): the line is not valid JSON.
+        SkipRecord("malformed"): it is not a JSON object.
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SkipRecord("bad_json", f"invalid JSON: {e.msg}") from None
+    if not isinstance(record, dict):
+        raise SkipRecord("malformed", f"expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 # ----------------------------------------------------------------------------- the loader
@@ -338,6 +362,19 @@ class _InlineExecutor:
 
     def shutdown(self, wait=True, cancel_futures=False):
         pass
+
+
+WORKER_TYPES = ("threads", "processes")
+_worker_loader = None  # in a worker process: its copy of the loader
+
+
+def _start_worker(loader_bytes: bytes) -> None:
+    global _worker_loader
+    _worker_loader = pickle.loads(loader_bytes)
+
+
+def _load_in_worker(line: bytes):
+    return _worker_loader.load_record(parse_record(line))
 
 
 class RecordLoader:
@@ -366,6 +403,7 @@ class RecordLoader:
         process_index: int | None = None,
         process_count: int | None = None,
         num_workers: int = 8,
+        worker_type: str = "threads",
         prefetch: int | None = None,
         strict: bool = False,
     ):
@@ -381,12 +419,14 @@ class RecordLoader:
             raise VipLlavaError(f"batch_size must be positive, got {batch_size}")
         if num_workers < 0:
             raise VipLlavaError(f"num_workers must be >= 0, got {num_workers}")
+        if worker_type not in WORKER_TYPES:
+            raise VipLlavaError(f"worker_type must be one of {WORKER_TYPES}, got {worker_type!r}")
         self.annotations = Annotations(annotations, strict=strict)
         self.image_folder = Path(image_folder) if image_folder else self.annotations.path.parent
         self.batch_size, self.max_length = batch_size, max_length
         self.seed, self.shuffle, self.num_epochs = seed, shuffle, num_epochs
         self.process_index, self.process_count = process_index, process_count
-        self.num_workers, self.strict = num_workers, strict
+        self.num_workers, self.worker_type, self.strict = num_workers, worker_type, strict
         self.prefetch = max(prefetch or 2 * batch_size, num_workers, 1)
         self.records_per_epoch = len(range(process_index, len(self.annotations), process_count))
         if self.records_per_epoch == 0:
@@ -397,10 +437,14 @@ class RecordLoader:
         self.stats = self._zero_stats()
         self._epoch, self._index = 0, 0
 
-    def load_record(self, i: int) -> tuple[Any, np.ndarray]:
-        """Record `i` as (row with a `truncated` attribute, preprocessed image); raises
-        `SkipRecord`. Runs in the worker threads."""
+    def load_record(self, record: dict[str, Any]) -> tuple[Any, np.ndarray]:
+        """A parsed record as (row with a `truncated` attribute, preprocessed image); raises
+        `SkipRecord`. Runs in the workers."""
         raise NotImplementedError
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process gets: no annotations (it is sent one line per job)."""
+        return {**self.__dict__, "annotations": None}
 
     def _collate(self, rows: list[tuple[Any, np.ndarray]]) -> dict[str, np.ndarray]:
         raise NotImplementedError
@@ -479,17 +523,35 @@ class RecordLoader:
 
     # -- loading
 
+    def _load(self, i: int):
+        return self.load_record(self.annotations.record(i))
+
+    def _start_workers(self):
+        """(executor, submit): `submit(i)` -> the Future of record `i`'s row and image."""
+        if not self.num_workers:
+            pool = _InlineExecutor()
+        elif self.worker_type == "threads":
+            pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, "vipllava-data")
+        else:  # "spawn": a forked child of a process running JAX's threads can deadlock
+            try:
+                state = pickle.dumps(self)
+            except (pickle.PicklingError, TypeError, AttributeError) as e:
+                raise VipLlavaError(f"worker_type='processes': this loader cannot be sent to "
+                                    f"worker processes ({e}); use worker_type='threads'") from None
+            pool = concurrent.futures.ProcessPoolExecutor(
+                self.num_workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker, initargs=(state,))
+            return pool, lambda i: pool.submit(_load_in_worker, self.annotations.line(i))
+        return pool, lambda i: pool.submit(self._load, i)
+
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        pool = (
-            concurrent.futures.ThreadPoolExecutor(self.num_workers, "vipllava-data")
-            if self.num_workers else _InlineExecutor()
-        )
+        pool, submit = self._start_workers()
         positions = self._positions()
         pending: collections.deque = collections.deque()
 
         def submit_next() -> None:
             for i, epoch, index in positions:
-                pending.append((i, epoch, index, pool.submit(self.load_record, i)))
+                pending.append((i, epoch, index, submit(i)))
                 return
 
         try:
@@ -553,6 +615,7 @@ class TrainDataLoader(RecordLoader):
         process_index: int | None = None,
         process_count: int | None = None,
         num_workers: int = 8,
+        worker_type: str = "threads",
         prefetch: int | None = None,
         strict: bool = False,
     ):
@@ -572,7 +635,9 @@ class TrainDataLoader(RecordLoader):
                 count then, so that all hosts take the same number of batches).
             process_index, process_count: this host and the number of hosts (default
                 `jax.process_index()` and `jax.process_count()`).
-            num_workers: loader threads; 0 loads in the consuming thread.
+            num_workers: loader workers; 0 loads in the consuming thread.
+            worker_type: "threads" or "processes" (spawned; each gets a pickled copy of the
+                loader without the annotations; see the module docstring for when they pay).
             prefetch: records loaded ahead of the consumer (default `2 * batch_size`, at least
                 `num_workers`).
             strict: raise on bad JSON, malformed records and unreadable images instead of
@@ -589,19 +654,19 @@ class TrainDataLoader(RecordLoader):
         super().__init__(
             annotations, image_folder, batch_size=batch_size, max_length=max_length, seed=seed,
             shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
-            process_count=process_count, num_workers=num_workers, prefetch=prefetch, strict=strict,
+            process_count=process_count, num_workers=num_workers, worker_type=worker_type,
+            prefetch=prefetch, strict=strict,
         )
         self.processor = processor
         self.encoder = ConversationEncoder(processor, template)
 
-    def load_record(self, i: int) -> tuple[Example, np.ndarray]:
-        """Record `i` of the annotation file: the `Example` fitted to max_length and its
-        preprocessed image [3, H, W] float32. Runs in the worker threads.
+    def load_record(self, record: dict[str, Any]) -> tuple[Example, np.ndarray]:
+        """A parsed record: the `Example` fitted to max_length and its preprocessed image
+        [3, H, W] float32. Runs in the workers.
 
         Raises:
             SkipRecord: the record cannot be used.
         """
-        record = self.annotations.record(i)
         if not record.get("image"):
             raise SkipRecord("no_image", "the record has no image (text-only is not supported)")
         example = self.encoder(record.get("conversations"))
@@ -665,8 +730,7 @@ class CaptionDataLoader(RecordLoader):
         self._tokenizer.no_padding()
         self.preprocess, self.eos_token_id = preprocess, eos_token_id
 
-    def load_record(self, i: int) -> tuple[CaptionExample, np.ndarray]:
-        record = self.annotations.record(i)
+    def load_record(self, record: dict[str, Any]) -> tuple[CaptionExample, np.ndarray]:
         caption = record.get("caption", record.get("text"))
         if not isinstance(caption, str) or not caption.strip():
             raise SkipRecord("malformed", "the record has no non-empty 'caption' string")

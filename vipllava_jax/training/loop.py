@@ -72,6 +72,7 @@ class RunConfig:
     param_dtype: str = "float32"  # master weights
     strict: bool = False
     num_workers: int = 4
+    worker_type: str = "threads"  # or "processes" (see training.data: they pay on many cores)
     log_every: int = 1
     tensorboard: bool = True  # also write TensorBoard event files to output_dir/tensorboard
     peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
@@ -227,7 +228,7 @@ def _model_class(path: str | Path) -> type:
 def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
     """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
     common = dict(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
-                  num_workers=cfg.num_workers)
+                  num_workers=cfg.num_workers, worker_type=cfg.worker_type)
     if isinstance(model_config, VisionEncoderDecoderConfig):
         from transformers import AutoTokenizer
 

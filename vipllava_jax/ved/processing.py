@@ -8,6 +8,7 @@ no `preprocessor_config.json` (tiny test models): resize to a square (bilinear),
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,8 @@ def image_preprocessor(path: str | Path, image_size: int) -> Callable[[PIL.Image
     else:
         processor = _pil_class("ViTImageProcessor")(size={"height": image_size, "width": image_size})
 
-    def preprocess(image: PIL.Image.Image) -> np.ndarray:
-        return np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], np.float32)
+    return functools.partial(_preprocess, processor)  # a partial pickles (loader worker processes)
 
-    return preprocess
+
+def _preprocess(processor, image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(processor(images=image, return_tensors="np")["pixel_values"][0], np.float32)
