@@ -96,7 +96,7 @@ PY
     export_run warmup warm
     stamp "tiny stage 2 (batch 64 x $S2 steps, 96k scenes; stopped after $T2 s if not done)"
     timeout $T2 $PY -m vipllava_jax.train.cli --config "$CFG/train.toml" data=train_all.jsonl image_folder=. \
-        batch_size=64 steps=$S2 save_every=500 log_every=250 num_workers=8 train.warmup_steps=$WU
+        batch_size=64 steps=$S2 save_every=500 log_every=250 num_workers=8 worker_type=processes train.warmup_steps=$WU
     export_run train model
     stamp "tiny eval"
     timeout 90 $PY -m vipllava_jax.eval_cli --model model --data data/test.jsonl --out "$OUT/tiny_test_predictions.jsonl"
