@@ -379,7 +379,7 @@ def _load_in_worker(line: bytes):
 
 class RecordLoader:
     """Static-shape batches from a JSON/JSONL annotation file + an image folder: the order,
-    host shares, resumable position, worker threads and skip counting that every record
+    host shares, resumable position, workers and skip counting that every record
     format shares. Subclasses say how a record becomes a row (`load_record`) and rows a
     batch (`_collate`).
 
