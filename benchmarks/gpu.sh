@@ -79,15 +79,7 @@ tail -2 "$OUT/tiny_data.log"
 CFG="$REPO/vipllava_jax/assets/tiny_vipllava"
 if [ -z "$SMOKE" ]; then S1=500; S2=3000; T2=160; WU=100; else S1=4; S2=6; T2=300; WU=1; fi
 export_run() {  # a run's last complete checkpoint -> a model folder with the tokenizer
-    $PY - "$1" "$2" <<'PY'
-import shutil, sys
-from pathlib import Path
-from vipllava_jax.training.loop import load_trained_model
-load_trained_model(sys.argv[1]).save_pretrained(Path(sys.argv[2]))
-for f in Path("init").iterdir():
-    if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
-        shutil.copy2(f, Path(sys.argv[2]) / f.name)
-PY
+    $PY -c 'import sys; from vipllava_jax.training.loop import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
 }
 (
     cd "$W"

@@ -13,7 +13,10 @@ import torch
 from conftest import make_hf_model, make_word_tokenizer
 from vipllava_jax.checkpoint import hf_to_orbax, orbax_to_hf
 from vipllava_jax.prompts import build_prompt
-from vipllava_jax.training.loop import RunConfig, TrainingError, load_trained_model, train
+from vipllava_jax.modeling import VipLlavaForConditionalGeneration as JaxModel
+from vipllava_jax.training.loop import (
+    RunConfig, TrainingError, export_trained_model, load_trained_model, train,
+)
 
 QUESTIONS = ["What is inside the red rectangle ?", "What does the arrow point at ?"]
 ANSWERS = ["a cat on a chair", "a dog near the door", "the red car", "two small birds"]
@@ -68,6 +71,11 @@ def test_tiny_model_overfits_and_exports_to_transformers(workspace, tmp_path):
     with torch.no_grad():
         expected = ref.eval()(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels)).logits.numpy()
     np.testing.assert_allclose(np.asarray(trained(ids, pixels).logits), expected, atol=1e-4)
+
+    exported = export_trained_model(tmp_path / "run", tmp_path / "exported")
+    assert (exported / "tokenizer.json").read_bytes() == (workspace / "model" / "tokenizer.json").read_bytes()
+    np.testing.assert_array_equal(np.asarray(JaxModel.from_pretrained(exported)(ids, pixels).logits),
+                                  np.asarray(trained(ids, pixels).logits))
 
 
 def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(workspace, tmp_path):

@@ -343,6 +343,18 @@ def _restore(manager, step, state: TrainState, shardings: TrainState):
     return restored["state"], restored["data"]
 
 
+def export_trained_model(output_dir: str | Path, dst: str | Path) -> Path:
+    """A training run's latest complete checkpoint (LoRA merged) as a model folder: the Orbax
+    folder `from_pretrained` reads, with the run's tokenizer files (which the run copied from
+    its model), so that `vipllava-eval` or a next training stage can start from it."""
+    dst = Path(dst)
+    load_trained_model(output_dir).save_pretrained(dst)
+    for f in Path(output_dir).iterdir():
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
 def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.Module:
     """The model of a training run's checkpoint (the latest complete one by default), with
     any LoRA adapters merged into its weights."""

@@ -20,17 +20,7 @@ python -m vipllava_jax.synthetic --out data --train 24000 --val 200 --test 400 -
 
 # a training run's last checkpoint -> a plain Orbax model folder with the tokenizer files
 export_run() {
-python - "$1" "$2" <<'PY'
-import shutil, sys
-from pathlib import Path
-from vipllava_jax.training.loop import load_trained_model
-
-run, out = sys.argv[1], Path(sys.argv[2])
-load_trained_model(run).save_pretrained(out)
-for f in Path("init").iterdir():
-    if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
-        shutil.copy2(f, out / f.name)
-PY
+    python -c 'import sys; from vipllava_jax.training.loop import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
 }
 
 # 2. train (paths in the configs are relative to this folder); wall and CPU time are printed.
