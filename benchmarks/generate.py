@@ -33,6 +33,7 @@ from vipllava_jax import generate as gen
 from vipllava_jax.config import VipLlavaConfig
 
 IMAGE_TOKEN = 32000
+TEXT_TOKENS = 32  # the prompt's text after BOS and the image tokens
 
 
 # name -> (vision: hidden, MLP, layers, heads, image size; text: hidden, MLP, layers, heads)
@@ -69,7 +70,7 @@ def datasheet():
     return next((v for k, v in DATASHEET.items() if k in kind), None)
 
 
-def prompt(batch: int, config=None, text_tokens: int = 32, seed: int = 0):
+def prompt(batch: int, config=None, text_tokens: int = TEXT_TOKENS, seed: int = 0):
     config = config or bench_config()
     n_img, size = image_tokens(config), config.vision_config.image_size
     rng = np.random.default_rng(seed)
@@ -187,7 +188,7 @@ def decode_bytes(model, config, batch: int, new_tokens: int) -> tuple[int, int]:
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     itemsize = jnp.dtype(model.dtype).itemsize
     kv = (2 * text.num_hidden_layers * batch * text.num_key_value_heads * head_dim * itemsize
-          * (1 + image_tokens(config) + 32 + new_tokens // 2))
+          * (1 + image_tokens(config) + TEXT_TOKENS + new_tokens // 2))
     return weights, kv
 
 

@@ -154,10 +154,9 @@ def main():
     tokens = data[0].shape[1]
     gflops, _ = machine_roofline(args.dtype)
     sheet = datasheet()
+    ref = None
     if args.no_torch:
         model = random_model(VipLlavaConfig.from_hf_dict(cfg.to_dict()), args.dtype, "float32")
-        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
-        tt = tl = None
     else:
         torch.set_num_threads(os.cpu_count())
         from transformers import VipLlavaForConditionalGeneration as TorchModel
@@ -168,8 +167,8 @@ def main():
             ref.save_pretrained(tmp)
             model = VipLlavaForConditionalGeneration.from_pretrained(
                 tmp, dtype=args.dtype, param_dtype="float32")
-        jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
-        tt, tl = bench_torch(ref, data, args.repeat)
+    jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
+    tt, tl = bench_torch(ref, data, args.repeat) if ref is not None else (None, None)
     n_tok = args.batch * tokens
 
     print(f"device: {jax.devices()[0].device_kind}, {os.cpu_count()} cores; jax {jax.__version__}, "
@@ -181,24 +180,23 @@ def main():
     print(f"machine: matmul {gflops:.1f} GFLOP/s (jitted, {args.dtype})"
           + (f"; data sheet {sheet[0] / 1e12:.0f} TFLOP/s bf16" if sheet else ""))
     print(f"losses (first step, then timed): jax {' '.join(f'{x:.4f}' for x in jl)}")
-    if tt is None:
-        print(f"{'':24}{'jax':>12}")
-        print(f"{'step (s)':24}{jt:12.3f}")
-        print(f"{'tokens/s':24}{n_tok / jt:12.1f}")
-        print(f"{'GFLOP/s':24}{flops / jt / 1e9:12.1f}")
-        print(f"{'fraction of matmul peak':24}{flops / jt / 1e9 / gflops:12.0%}")
-        if sheet:
-            print(f"{'MFU (data-sheet peak)':24}{flops / jt / sheet[0]:12.1%}")
-        print(f"{'compile (s)':24}{jc:12.1f}")
-        return
-    print(f"                                 torch {' '.join(f'{x:.4f}' for x in tl)}")
-    print(f"{'':24}{'jax':>12}{'torch':>12}{'jax/torch':>12}")
-    print(f"{'step (s)':24}{jt:12.3f}{tt:12.3f}{tt / jt:12.2f}x faster")
-    print(f"{'tokens/s':24}{n_tok / jt:12.1f}{n_tok / tt:12.1f}{tt / jt:12.2f}x")
-    print(f"{'GFLOP/s':24}{flops / jt / 1e9:12.1f}{flops / tt / 1e9:12.1f}")
-    print(f"{'fraction of matmul peak':24}{flops / jt / 1e9 / gflops:12.0%}{flops / tt / 1e9 / gflops:12.0%}")
-    print(f"{'compile (s)':24}{jc:12.1f}")
+    if tl is not None:
+        print(f"                                 torch {' '.join(f'{x:.4f}' for x in tl)}")
 
+    def row(name, fmt, of_step, ratio=""):
+        """A table row: `of_step(seconds per step)` for JAX, then for torch when it ran."""
+        line = f"{name:24}{of_step(jt):12{fmt}}"
+        print(line if tt is None else f"{line}{of_step(tt):12{fmt}}{ratio}")
+
+    print(f"{'':24}{'jax':>12}" + ("" if tt is None else f"{'torch':>12}{'jax/torch':>12}"))
+    speedup = "" if tt is None else f"{tt / jt:12.2f}x"
+    row("step (s)", ".3f", lambda t: t, speedup and speedup + " faster")
+    row("tokens/s", ".1f", lambda t: n_tok / t, speedup)
+    row("GFLOP/s", ".1f", lambda t: flops / t / 1e9)
+    row("fraction of matmul peak", ".0%", lambda t: flops / t / 1e9 / gflops)
+    if sheet:
+        print(f"{'MFU (data-sheet peak)':24}{flops / jt / sheet[0]:12.1%}")
+    print(f"{'compile (s)':24}{jc:12.1f}")
 
 if __name__ == "__main__":
     main()
