@@ -144,3 +144,23 @@ def test_marker_only_records_show_the_marker_without_objects(tmp_path):
                  for c, a in zip(r["conversations"][::2], r["conversations"][1::2])}
         assert turns == {synthetic.AUX_QUESTIONS["marker"]: r["marker_color"],
                          synthetic.AUX_QUESTIONS["where"]: synthetic.POSITIONS[r["marked"]]}
+
+
+def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
+    """assets/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
+    a few steps on in-memory marked scenes, scored per question type, marker and twin pair."""
+    import importlib.util
+
+    from vipllava_jax.demo import ASSETS
+
+    spec = importlib.util.spec_from_file_location("experiment", ASSETS / "tiny_vipllava" / "experiment.py")
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    experiment.main(["--task", "marked", "--steps", "2", "--warmup-steps", "1", "--batch-size", "8",
+                     "--test", "20", "--eval-every", "2"])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("step 2 loss ") and " pairs " in line, line
+    for name in (*CATEGORIES, "rectangle", "scribble"):
+        assert f" {name} " in line, line
+    records = experiment.draw_records("marked", "test", 10, 0, list(CATEGORIES))
+    assert len(records) == 10 and all(a[2] == b[2] for a, b in zip(records[0::2], records[1::2]))
