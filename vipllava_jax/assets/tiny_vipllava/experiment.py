@@ -3,7 +3,9 @@
 `make.sh` is the recipe; this is how its settings are compared. It draws the synthetic task's
 scenes in memory (no PNG files, no loader), trains a fresh `synthetic.init_model` with the
 library's train step, and every `--eval-every` steps prints the teacher-forced exact-match
-accuracy per question type on held-out scenes (marked task: also per marker type). A run of
+accuracy per question type on test scenes (marked task: also per marker type and twin pair;
+the scenes come from another random stream than the training ones, but unlike the test
+split's they are not checked against them for repeats, which are rare). A run of
 500 steps takes 1-2 minutes on 2 CPU cores, against about 15 for `make.sh`.
 
 Tasks:
