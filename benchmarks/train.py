@@ -198,5 +198,6 @@ def main():
         print(f"{'MFU (data-sheet peak)':24}{flops / jt / sheet[0]:12.1%}")
     print(f"{'compile (s)':24}{jc:12.1f}")
 
+
 if __name__ == "__main__":
     main()

@@ -674,19 +674,27 @@ class TrainDataLoader(RecordLoader):
         return example, self._image(record, self.processor.image_processor.preprocess)
 
     def _collate(self, rows: list[tuple[Example, np.ndarray]]) -> dict[str, np.ndarray]:
-        shape = (len(rows), self.max_length)
-        batch = {
-            "input_ids": np.full(shape, self.processor.pad_token_id, np.int32),
-            "attention_mask": np.zeros(shape, np.int32),
-            "labels": np.full(shape, IGNORE_INDEX, np.int32),
-        }
-        for b, (example, _) in enumerate(rows):
-            n = len(example.input_ids)
-            batch["input_ids"][b, :n] = example.input_ids
-            batch["attention_mask"][b, :n] = 1
-            batch["labels"][b, :n] = example.labels
-        batch["pixel_values"] = np.stack([pixels for _, pixels in rows]).astype(np.float32)
-        return batch
+        return collate_examples(rows, self.max_length, self.processor.pad_token_id)
+
+
+def collate_examples(
+    rows: Sequence[tuple[Example, np.ndarray]], length: int, pad_token_id: int
+) -> dict[str, np.ndarray]:
+    """(Example, pixel_values [3, H, W]) rows -> a training batch: `input_ids`, `attention_mask`
+    and `labels` [B, length], right-padded (the examples must fit), and `pixel_values`."""
+    shape = (len(rows), length)
+    batch = {
+        "input_ids": np.full(shape, pad_token_id, np.int32),
+        "attention_mask": np.zeros(shape, np.int32),
+        "labels": np.full(shape, IGNORE_INDEX, np.int32),
+    }
+    for b, (example, _) in enumerate(rows):
+        n = len(example.input_ids)
+        batch["input_ids"][b, :n] = example.input_ids
+        batch["attention_mask"][b, :n] = 1
+        batch["labels"][b, :n] = example.labels
+    batch["pixel_values"] = np.stack([pixels for _, pixels in rows]).astype(np.float32)
+    return batch
 
 
 # ----------------------------------------------------------------------------- image captions

@@ -42,7 +42,7 @@ from vipllava_jax import synthetic as S
 from vipllava_jax.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.processor import VipLlavaProcessor
 from vipllava_jax.training import step as ST
-from vipllava_jax.training.data import IGNORE_INDEX, ConversationEncoder
+from vipllava_jax.training.data import IGNORE_INDEX, ConversationEncoder, collate_examples
 from vipllava_jax.training.mesh import mesh_from_spec, shard_batch
 from vipllava_jax.visual_prompts import COLORS, MARKERS
 
@@ -96,25 +96,12 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
 
 
 def encode(records, encoder: ConversationEncoder, processor: VipLlavaProcessor) -> dict:
-    """Records -> a batch dict of numpy arrays, right-padded to a multiple of 8 tokens."""
-    examples = []
-    for _, turns, _, _ in records:
-        conversation = []
-        for j, (q, a) in enumerate(turns):
-            conversation += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
-                             {"from": "gpt", "value": a}]
-        examples.append(encoder(conversation))
-    t = -(-max(len(e.input_ids) for e in examples) // 8) * 8
-    pad = processor.tokenizer.pad_token_id
-    batch = {"input_ids": np.full((len(examples), t), pad, np.int32),
-             "labels": np.full((len(examples), t), IGNORE_INDEX, np.int32),
-             "attention_mask": np.zeros((len(examples), t), np.int32)}
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        batch["input_ids"][i, :n], batch["labels"][i, :n], batch["attention_mask"][i, :n] = (
-            e.input_ids, e.labels, 1)
-    batch["pixel_values"] = processor.image_processor([r[0] for r in records])
-    return batch
+    """Records -> one batch of numpy arrays, as the training loader collates them, right-padded
+    to a multiple of 8 tokens."""
+    examples = [encoder(S._conversation(turns)) for _, turns, _, _ in records]
+    length = -(-max(len(e.input_ids) for e in examples) // 8) * 8
+    pixels = processor.image_processor([image for image, _, _, _ in records])
+    return collate_examples(list(zip(examples, pixels)), length, processor.pad_token_id)
 
 
 @jax.jit
@@ -175,13 +162,13 @@ def main(argv: list[str] | None = None) -> None:
         S.make_tokenizer(f"{tmp}/tokenizer")
         S.init_model(f"{tmp}/init", f"{tmp}/tokenizer", seed=args.seed)
         processor = VipLlavaProcessor.from_pretrained(f"{tmp}/init")
-        config = VipLlavaForConditionalGeneration.from_pretrained(f"{tmp}/init").config
+        model = VipLlavaForConditionalGeneration.from_pretrained(f"{tmp}/init")
     if args.heads:  # same width: head_dim = hidden / heads
-        text = config.text_config
-        config = dataclasses.replace(config, text_config=dataclasses.replace(
+        text = model.config.text_config
+        config = dataclasses.replace(model.config, text_config=dataclasses.replace(
             text, num_attention_heads=args.heads, num_key_value_heads=args.heads,
             head_dim=text.hidden_size // args.heads))
-    model = VipLlavaForConditionalGeneration.from_config(config, seed=args.seed)
+        model = VipLlavaForConditionalGeneration.from_config(config, seed=args.seed)
     if args.position_std:
         table = model.vision_tower.embeddings.position_embedding.embedding
         table[...] = np.random.default_rng([args.seed, 1]).normal(
