@@ -21,13 +21,23 @@ def jax_eval():
 
 
 @pytest.mark.xfail(strict=False, reason="the shipped model does not reach the target yet: "
-                   "46% on the test split, 14% of twin pairs (it finds the marker, see below, but "
-                   "answers the marked object's colour and shape from the question's prior)")
+                   "76.5% on the test split, 65% of twin pairs (it answers the questions about "
+                   "colours, see below, but not those about shapes)")
 def test_shipped_model_answers_about_the_marked_object(jax_eval):
     summary, rows = jax_eval
     assert summary["total"] == N and len(summary["categories"]) == 5
     assert summary["accuracy"] >= 0.95, summary
     assert summary["pairs"]["total"] == N // 2 and summary["pairs"]["accuracy"] >= 0.9, summary
+
+
+def test_shipped_model_answers_the_colour_questions_about_the_marked_object(jax_eval):
+    """The questions whose answer is a colour seen at or beside the marked object (its colour,
+    the colour right of it, how many objects share its colour): what the shipped model has
+    learned, each scene's twin marking another object."""
+    summary, rows = jax_eval
+    colour = [r for r in rows if r["category"] in ("color", "right", "count")]
+    assert len(colour) >= N // 2
+    assert np.mean([r["correct"] for r in colour]) >= 0.9, summary["categories"]
 
 
 def test_shipped_model_finds_the_marker_in_held_out_scenes(tmp_path):

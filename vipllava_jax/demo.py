@@ -3,9 +3,9 @@
 The embedded model (`assets/tiny_vipllava/model`, an Orbax folder with its tokenizer) is a
 VipLlava trained from scratch on the synthetic visual-prompt task (`vipllava_jax.synthetic`;
 `assets/tiny_vipllava/make.sh` reproduces it). By default the demo draws a red rectangle around
-the middle object of the bundled scene (`assets/demo.png`), asks where the marked object is
-(what the shipped model answers reliably; it does not yet read the marked object's own colour
-or shape), prints the answer and writes the marked image. `--image/--box/--marker/--color/--question`
+the middle object of the bundled scene (`assets/demo.png`), asks its colour (the shipped
+model answers the task's colour questions nearly always, its shape questions not yet), prints
+the answer and writes the marked image. `--image/--box/--marker/--color/--question`
 take your own (the tiny model only knows scenes like the bundled one: three shapes, white,
 black or gray, in a row across the middle, the five questions of the task and the two
 auxiliary ones). Markers are drawn as the task's training images have them
@@ -30,7 +30,7 @@ ASSETS = Path(__file__).parent / "assets"
 EMBEDDED_MODEL = ASSETS / "tiny_vipllava" / "model"
 DEMO_IMAGE = ASSETS / "demo.png"
 DEMO_BOX = (17, 17, 29, 29)  # the middle object of demo.png (a white square), padded by 1 px
-DEMO_QUESTION = "Where is the marked object?"  # the answer here: middle
+DEMO_QUESTION = "What color is the marked object?"  # the answer here: white
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
