@@ -146,6 +146,27 @@ def test_marker_only_records_show_the_marker_without_objects(tmp_path):
                          synthetic.AUX_QUESTIONS["where"]: synthetic.POSITIONS[r["marked"]]}
 
 
+def test_object_records_show_one_object_marked_half_of_the_time(tmp_path):
+    write_dataset(tmp_path, train=4, val=2, test=2, objects=40)
+    single = _records(tmp_path, "objects")
+    assert len(single) == 40 and {r["category"] for r in single} == {"object"}
+    assert 10 <= sum("marker" in r for r in single) <= 30
+    for r in single:
+        pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+        coloured = (pixels.max(-1) - pixels.min(-1)) > 0  # the scene is achromatic: the marker
+        assert coloured.any() == ("marker" in r)
+        turns = {c["value"].removeprefix("<image>\n"): a["value"]
+                 for c, a in zip(r["conversations"][::2], r["conversations"][1::2])}
+        assert set(turns) == set(synthetic.OBJECT_QUESTIONS.values())
+        assert turns[synthetic.OBJECT_QUESTIONS["shape"]] in synthetic.SHAPES
+        colour = synthetic.OBJECT_COLORS[turns[synthetic.OBJECT_QUESTIONS["color"]]]
+        grey = ~coloured & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+        assert np.all(pixels[grey] == colour)  # one object, of the answer's colour
+        if "marker" not in r:  # all of it in one cell
+            cols = np.flatnonzero(grey.any(0))
+            assert cols.max() - cols.min() < synthetic.CELL and cols.min() // synthetic.CELL == cols.max() // synthetic.CELL
+
+
 def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
     """assets/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
     a few steps on in-memory marked scenes, scored per question type, marker and twin pair."""
