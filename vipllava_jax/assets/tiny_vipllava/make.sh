@@ -12,18 +12,23 @@ mkdir -p "$WORK"
 cd "$WORK"
 
 # 1. data (48000 train scenes x 7 questions, each seen once; 200 val / 400 test questions,
-#    marked twins), the task's word-level tokenizer, and the random model (Orbax folder +
-#    tokenizer) in init/
-rm -rf data init train model
-python -m vipllava_jax.synthetic --out data --train 48000 --val 200 --test 400 --seed 0 --init-model init
+#    marked twins; 24000 single-object records for stage 1), the task's word-level tokenizer,
+#    and the random model (Orbax folder + tokenizer) in init/
+rm -rf data init objects stage1 train model
+python -m vipllava_jax.synthetic --out data --train 48000 --val 200 --test 400 --objects 24000 \
+    --seed 0 --init-model init
 
 # a training run's last checkpoint -> a plain Orbax model folder with the tokenizer files
 export_run() {
     python -c 'import sys; from vipllava_jax.training.loop import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
 }
 
-# 2. train (paths in train.toml are relative to this folder); wall and CPU time are printed
-/usr/bin/env time -f "vipllava-train: %e s wall, %U s user + %S s sys CPU" \
+# 2. train (paths in the configs are relative to this folder); wall and CPU time are printed.
+#    Stage 1: single objects (objects.toml); stage 2: the task, from stage 1 (train.toml).
+/usr/bin/env time -f "vipllava-train (stage 1): %e s wall, %U s user + %S s sys CPU" \
+    vipllava-train --config "$HERE/objects.toml"
+export_run objects stage1
+/usr/bin/env time -f "vipllava-train (stage 2): %e s wall, %U s user + %S s sys CPU" \
     vipllava-train --config "$HERE/train.toml"
 
 # 3. the last checkpoint -> the model folder
