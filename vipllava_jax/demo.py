@@ -5,8 +5,7 @@ VipLlava trained from scratch on the synthetic visual-prompt task (`vipllava_jax
 `assets/tiny_vipllava/make.sh` reproduces it). By default the demo draws a red rectangle around
 the middle object of the bundled scene (`assets/demo.png`), asks its colour (the shipped
 model answers the task's colour questions nearly always, its shape questions two times in
-three), prints
-the answer and writes the marked image. `--image/--box/--marker/--color/--question`
+three), prints the answer and writes the marked image. `--image/--box/--marker/--color/--question`
 take your own (the tiny model only knows scenes like the bundled one: three shapes, white,
 black or gray, in a row across the middle, the five questions of the task and the two
 auxiliary ones). Markers are drawn as the task's training images have them
