@@ -115,13 +115,14 @@ def test_tokenizer_covers_both_templates_without_unk(dataset):
 def test_markers_are_drawn_at_the_training_canvas_size():
     from vipllava_jax.visual_prompts import VisualPrompt
 
-    assert synthetic.MARKER_CANVAS == 12  # 48 px scenes: lines 4 px wide (1 px on the canvas)
+    assert synthetic.MARKER_CANVAS == 24  # 48 px scenes: lines 2 px wide (1 px on the canvas)
     edge = synthetic.IMAGE_SIZE // synthetic.MARKER_CANVAS
     scene = synthetic.render_scene(Scene((SceneObject("square", "white", (18, 18, 28, 28)),)))
     vp = VisualPrompt(marker="rectangle", box=(17, 17, 29, 29), color="red", style="constant")
     changed = np.any(np.asarray(synthetic.draw_marker(scene, vp)) != np.asarray(scene), axis=-1)
     ys, xs = np.nonzero(changed)
-    assert (xs.min(), ys.min()) == (16, 16) and (xs.max(), ys.max()) == (31, 31)
+    # the box (17..29) is 8.5..14.5 on the canvas: canvas pixels 8..14, enlarged 16..29
+    assert (xs.min(), ys.min()) == (16, 16) and (xs.max(), ys.max()) == (29, 29)
     assert changed[20:28, 16:16 + edge].all() and not changed[20:28, 16 + edge:24].any()
     # a larger image gets the same marker, proportionally (drawn on the canvas, enlarged)
     big = scene.resize((96, 96), 0)

@@ -11,11 +11,11 @@ SHIP="${2:-}"
 mkdir -p "$WORK"
 cd "$WORK"
 
-# 1. data (48000 train scenes x 7 questions, each seen once; 200 val / 400 test questions,
+# 1. data (56000 train scenes x 7 questions, each seen once; 200 val / 400 test questions,
 #    marked twins; 24000 single-object records for stage 1), the task's word-level tokenizer,
 #    and the random model (Orbax folder + tokenizer) in init/
 rm -rf data init objects stage1 train model
-python -m vipllava_jax.synthetic --out data --train 48000 --val 200 --test 400 --objects 24000 \
+python -m vipllava_jax.synthetic --out data --train 56000 --val 200 --test 400 --objects 24000 \
     --seed 0 --init-model init
 
 # a training run's last checkpoint -> a plain Orbax model folder with the tokenizer files
