@@ -35,7 +35,7 @@ held-out scenes are never seen in training.
   the two auxiliary questions: a warm-up split (the embedded model's recipe trained on it
   first while its tower had 8 px patches; with 16 px patches it needs none).
 
-    python -m vipllava_jax.synthetic --out DIR --train 48000 --val 200 --test 400 --objects 24000
+    python -m vipllava_jax.synthetic --out DIR --train 56000 --val 200 --test 400 --objects 24000
 
 writes DIR/{train,val,test,objects,markers}.jsonl, DIR/images/{split}/*.png and DIR/tokenizer/
 (`make_tokenizer`).
