@@ -168,9 +168,7 @@ def test_object_records_show_one_object_marked_half_of_the_time(tmp_path):
             assert cols.min() // synthetic.CELL == cols.max() // synthetic.CELL
 
 
-def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
-    """assets/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
-    a few steps on in-memory marked scenes, scored per question type, marker and twin pair."""
+def _experiment_tool():
     import importlib.util
 
     from vipllava_jax.demo import ASSETS
@@ -178,6 +176,13 @@ def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
     spec = importlib.util.spec_from_file_location("experiment", ASSETS / "tiny_vipllava" / "experiment.py")
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
+    return experiment
+
+
+def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
+    """assets/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
+    a few steps on in-memory marked scenes, scored per question type, marker and twin pair."""
+    experiment = _experiment_tool()
     experiment.main(["--task", "marked", "--steps", "2", "--warmup-steps", "1", "--batch-size", "8",
                      "--test", "20", "--eval-every", "2"])
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -186,3 +191,21 @@ def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
         assert f" {name} " in line, line
     records = experiment.draw_records("marked", "test", 10, 0, list(CATEGORIES))
     assert len(records) == 10 and all(a[2] == b[2] for a, b in zip(records[0::2], records[1::2]))
+
+
+def test_recipe_experiment_mixes_markers_alone_and_objects_records():
+    """experiment.py's curriculum options: `marker_only` records show the marker and nothing
+    else and ask the auxiliary questions (test: "where", every third record); `objects` puts
+    the objects task's records into the marked task's training set."""
+    experiment = _experiment_tool()
+    aux = set(synthetic.AUX_QUESTIONS.values())
+    for image, turns, _, _ in experiment.draw_records("objects", "train", 6, 0, [], marker_only=1.0):
+        assert {q for q, _ in turns} == aux
+        pixels = np.asarray(image)
+        grey = np.all(pixels == pixels[..., :1], axis=-1)  # achromatic: background or object
+        assert np.all(pixels[grey] == synthetic.BACKGROUND)  # no object, only the marker
+    test = experiment.draw_records("objects", "test", 6, 0, [], marker_only=0.5)
+    assert [r[2] for r in test].count("where") == 2
+    assert all(turns[0][1] in synthetic.POSITIONS for _, turns, cat, _ in test if cat == "where")
+    mixed = experiment.draw_records("marked", "train", 6, 0, list(CATEGORIES), objects=1.0)
+    assert all({q for q, _ in turns} == set(synthetic.OBJECT_QUESTIONS.values()) for _, turns, _, _ in mixed)
