@@ -99,6 +99,7 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
     be, with the two auxiliary questions (the synthetic "markers" split; test: "where").
     Marked task: an `objects` fraction of the training records are the objects task's."""
     rng = np.random.default_rng([seed, ("train", "test").index(split)])
+    style = "constant" if split == "test" else "random"  # markers: evaluation / training style
     records = []
     for i in range(n):
         scene = S.random_scene(rng)
@@ -108,7 +109,6 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
         if task == "objects" and marker_only and (
                 i % 3 == 2 if split == "test" else rng.random() < marker_only):
             image = PIL.Image.new("RGB", (S.IMAGE_SIZE, S.IMAGE_SIZE), S.BACKGROUND)
-            style = "constant" if split == "test" else "random"
             image = S.draw_marker(image, S.marker_prompt(scene, marked, marker, color, style, marker_seed))
             where = (S.AUX_QUESTIONS["where"], S.POSITIONS[marked])
             if split == "test":
@@ -125,7 +125,6 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
             one = S.Scene((obj,))
             image, mark = S.render_scene(one), bool(rng.integers(2))
             if mark:
-                style = "constant" if split == "test" else "random"
                 image = S.marked_image(one, 0, marker, color, style, marker_seed)
             turns = [(q, getattr(obj, attr), attr + "*" * mark)  # test: "*" when marked
                      for attr, q in S.OBJECT_QUESTIONS.items()]
@@ -141,7 +140,6 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
         if task == "position":
             image = S.render_scene(scene)
             if position_markers:
-                style = "constant" if split == "test" else "random"
                 image = S.marked_image(scene, marked, marker, color, style, marker_seed)
             turns = [(q, getattr(scene.objects[k], attr), name + "*" * (position_markers and k == marked))
                      for name, (q, attr, k) in POSITION_QUESTIONS.items() if name in questions]
@@ -158,7 +156,7 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
                 continue
             category = questions[i // 2 % len(questions)]
             for k in (marked, S._twin_object(scene, marked, category, rng)):
-                image = S.marked_image(scene, k, marker, color, "constant", marker_seed)
+                image = S.marked_image(scene, k, marker, color, style, marker_seed)
                 records.append((image, [(S.QUESTIONS[category], S.answer(scene, k, category))],
                                 category, marker))
             continue
@@ -170,7 +168,7 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
         for k in rng.permutation(len(POSITION_QUESTIONS))[:position_aux]:
             q, attr, cell = list(POSITION_QUESTIONS.values())[k]
             turns.insert(int(rng.integers(len(turns) + 1)), (q, getattr(scene.objects[cell], attr)))
-        image = S.marked_image(scene, marked, marker, color, "random", marker_seed)
+        image = S.marked_image(scene, marked, marker, color, style, marker_seed)
         records.append((image, turns, "all", marker))
     return records
 
