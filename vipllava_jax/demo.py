@@ -9,7 +9,8 @@ four), prints the answer and writes the marked image. `--image/--box/--marker/--
 take your own (the tiny model only knows scenes like the bundled one: three shapes, white,
 black or gray, in a row across the middle, the five questions of the task and the two
 auxiliary ones). Markers are drawn as the task's training images have them
-(`synthetic.draw_marker`: line widths of a 24 px wide image, enlarged), whatever the image size.
+(`synthetic.draw_marker`: line widths of a `synthetic.MARKER_CANVAS` px wide image, enlarged),
+whatever the image size.
 
 With torch installed, the same checkpoint is exported to transformers (`orbax_to_hf`) and
 transformers' PyTorch `generate` answers the same prompt: the demo prints both answers and
