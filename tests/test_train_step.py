@@ -24,8 +24,8 @@ from vipllava_jax.checkpoint import flatten
 from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
 from vipllava_jax.sharding import logical_to_spec
 from vipllava_jax.training import (
-    TrainConfig, init_train_state, learning_rate_schedule, loss_and_grads, make_train_step,
-    mesh_from_spec, parse_mesh_spec, shard_batch,
+    TrainConfig, init_train_state, learning_rate_schedule, loss_and_grads, make_optimizer,
+    make_train_step, mesh_from_spec, parse_mesh_spec, shard_batch,
 )
 from vipllava_jax.training.step import _micro_batches
 
@@ -119,6 +119,32 @@ def test_learning_rate_schedule_and_config_checks():
         TrainConfig(stage="vision")
     with pytest.raises(ValueError, match="remat"):
         TrainConfig(remat="some")
+
+
+def test_lr_multipliers_scale_their_submodules_updates(tiny):
+    """Each named submodule's AdamW update (weight decay included) times its factor; the
+    others as without multipliers. Names the stage does not train are refused."""
+    params = {name: {"kernel": jnp.full((2, 3), 1.0), "bias": jnp.full((3,), -2.0)}
+              for name in ("vision_tower", "multi_modal_projector", "language_model")}
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.3, params)
+    base = TrainConfig(learning_rate=0.1, weight_decay=0.5)
+    config = TrainConfig(**{**base.__dict__, "lr_multipliers": {"vision_tower": 0.25, "language_model": 0}})
+    assert config.lr_multipliers == (("language_model", 0.0), ("vision_tower", 0.25))
+    plain, scaled = (make_optimizer(c) for c in (base, config))
+    want, _ = plain.update(grads, plain.init(params), params)
+    got, _ = scaled.update(grads, scaled.init(params), params)
+    for name, factor in (("vision_tower", 0.25), ("language_model", 0.0), ("multi_modal_projector", 1.0)):
+        for leaf in ("kernel", "bias"):
+            assert np.abs(want[name][leaf]).min() > 0
+            np.testing.assert_allclose(got[name][leaf], factor * want[name][leaf], rtol=1e-6)
+
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        TrainConfig(lr_multipliers={"vision_tower": -1.0})
+    _, path, _ = tiny
+    model = VipLlavaForConditionalGeneration.from_pretrained(path)
+    frozen_tower = TrainConfig(stage="full", lr_multipliers={"vision_tower": 0.1})
+    with pytest.raises(ValueError, match=r"\['vision_tower'\], which stage 'full' does not train"):
+        init_train_state(model, frozen_tower, one_device_mesh())
 
 
 def test_micro_batches_are_strided_and_images_follow_their_rows():

@@ -83,6 +83,9 @@ class TrainConfig:
         alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
         in the backward pass (`REMAT_POLICIES`).
+      lr_multipliers: {top-level submodule: factor}: that submodule's updates (learning rate
+        and weight decay alike) times the factor, e.g. `{"vision_tower": 0.1}` (LLaVA-NeXT's
+        separate vision tower learning rate). Names must be trained by the stage.
     """
 
     learning_rate: float = 2e-5
@@ -99,8 +102,13 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora.TARGETS
+    lr_multipliers: tuple[tuple[str, float], ...] = ()  # a dict is accepted (and converted)
 
     def __post_init__(self):
+        multipliers = dict(self.lr_multipliers)
+        if any(not isinstance(f, (int, float)) or f < 0 for f in multipliers.values()):
+            raise ValueError(f"lr_multipliers must map submodule names to factors >= 0, got {multipliers}")
+        object.__setattr__(self, "lr_multipliers", tuple(sorted((str(k), float(f)) for k, f in multipliers.items())))
         if self.stage not in STAGES:  # checked against the model by init_train_state
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         if self.remat not in REMAT_POLICIES:
@@ -137,14 +145,27 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW with the warmup + cosine schedule (trainable params only)."""
+    """clip_by_global_norm -> AdamW with the warmup + cosine schedule (trainable params only)
+    -> the updates of the submodules in `config.lr_multipliers` scaled."""
     return optax.chain(
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(
             learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
             weight_decay=config.weight_decay, mask=_decay_mask,
         ),
+        _scale_submodules(dict(config.lr_multipliers)),
     )
+
+
+def _scale_submodules(factors: dict[str, float]) -> optax.GradientTransformation:
+    """Multiplies the updates under each top-level key of `factors` by its factor."""
+
+    def update(updates, state, params=None):
+        del params
+        return {k: jax.tree.map(lambda u, f=factors[k]: u * f, v) if k in factors else v
+                for k, v in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _decay_mask(params: Params) -> Params:
@@ -183,6 +204,10 @@ def init_train_state(
     if config.stage == "lora":
         lora.add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(model, config.stage), ...)
+    unknown = sorted({k for k, _ in config.lr_multipliers} - set(nnx.to_pure_dict(trainable)))
+    if unknown:
+        raise ValueError(f"lr_multipliers names {unknown}, which stage {config.stage!r} does not "
+                         f"train (it trains {sorted(nnx.to_pure_dict(trainable))})")
     param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
     frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
     params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
