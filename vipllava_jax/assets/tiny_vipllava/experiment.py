@@ -90,7 +90,8 @@ POSITION_QUESTIONS = {f"{attr}-{pos}": (f"What {attr} is the {pos} object?", att
 
 def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
                  per_record: int = 0, position_markers: bool = False, aux: bool = True,
-                 position_aux: int = 0, marker_only: float = 0.0, objects: float = 0.0):
+                 position_aux: int = 0, marker_only: float = 0.0, objects: float = 0.0,
+                 object_where: bool = False):
     """`n` records (image, [(question, answer), ...], category, marker) of `task`; training
     records ask `per_record` of the questions (0: all). Position task: with `position_markers`
     one object is marked (test categories: "*" when it is the one asked). Marked task: `aux`
@@ -128,12 +129,16 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
                 image = S.marked_image(one, 0, marker, color, style, marker_seed)
             turns = [(q, getattr(obj, attr), attr + "*" * mark)  # test: "*" when marked
                      for attr, q in S.OBJECT_QUESTIONS.items()]
+            if object_where:  # its column: what "Where is the marked object?" asks in scenes
+                turns.append(("Where is the object?", S.POSITIONS[marked], "where" + "*" * mark))
             if split == "test":  # one question per record, the types in turn
                 q, a, attr = turns[i % len(turns)]
                 records.append((image, [(q, a)], attr, None))
             else:
                 pairs = [t[:2] for t in turns]
-                if rng.integers(2):
+                if object_where:
+                    pairs = [pairs[k] for k in rng.permutation(len(pairs))]
+                elif rng.integers(2):
                     pairs.reverse()
                 records.append((image, pairs, "all", None))
             continue
@@ -224,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="marked task: also ask this many position questions per training record")
     p.add_argument("--marker-only", type=float, default=0.0,
                    help="objects task: this fraction of records shows the marker alone (aux questions)")
+    p.add_argument("--object-where", action="store_true",
+                   help="objects task: also ask where the object is (its column)")
     p.add_argument("--objects", type=float, default=0.0,
                    help="marked task: this fraction of training records is the objects task's")
     p.add_argument("--steps", type=int, default=1000)
@@ -232,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=7e-4)
     p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--tower-lr", type=float, default=1.0,
+                   help="the vision tower's learning rate, times --lr (TrainConfig.lr_multipliers)")
     p.add_argument("--stage", default="all", choices=sorted(ST.STAGES),
                    help="what trains (ST.TrainConfig.stage; default all, the tower too)")
     p.add_argument("--heads", type=int, default=0, help="decoder attention heads (default: recipe's)")
@@ -296,16 +305,19 @@ def main(argv: list[str] | None = None) -> None:
     encoder = ConversationEncoder(processor)
     train_records = draw_records(args.task, "train", args.train or args.steps * args.batch_size,
                                  args.seed, questions, args.per_record, args.position_markers,
-                                 not args.no_aux, args.position_aux, args.marker_only, args.objects)
+                                 not args.no_aux, args.position_aux, args.marker_only, args.objects,
+                                 args.object_where)
     test_records = draw_records(args.task, "test", args.test, args.seed, questions,
-                                position_markers=args.position_markers, marker_only=args.marker_only)
+                                position_markers=args.position_markers, marker_only=args.marker_only,
+                                object_where=args.object_where)
     train, test = encode(train_records, encoder, processor), encode(test_records, encoder, processor)
     print(f"{vars(args)}\ndata: {len(train_records)} train / {len(test_records)} test records, "
           f"{train['input_ids'].shape[1]} tokens, {time.time() - t0:.0f} s", flush=True)
 
     mesh = mesh_from_spec("data=-1")
     config = ST.TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps,
-                            total_steps=args.steps, stage=args.stage)
+                            total_steps=args.steps, stage=args.stage,
+                            lr_multipliers={"vision_tower": args.tower_lr} if args.tower_lr != 1 else {})
     graphdef, state, shardings = ST.init_train_state(model, config, mesh)
     train_step = ST.make_train_step(graphdef, config, mesh, shardings)
     rng = np.random.default_rng(args.seed)
