@@ -196,7 +196,8 @@ def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
 def test_recipe_experiment_mixes_markers_alone_and_objects_records():
     """experiment.py's curriculum options: `marker_only` records show the marker and nothing
     else and ask the auxiliary questions (test: "where", every third record); `objects` puts
-    the objects task's records into the marked task's training set."""
+    the objects task's records into the marked task's training set; `object_where` asks the
+    objects task where its object is."""
     experiment = _experiment_tool()
     aux = set(synthetic.AUX_QUESTIONS.values())
     for image, turns, _, _ in experiment.draw_records("objects", "train", 6, 0, [], marker_only=1.0):
@@ -209,3 +210,12 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records():
     assert all(turns[0][1] in synthetic.POSITIONS for _, turns, cat, _ in test if cat == "where")
     mixed = experiment.draw_records("marked", "train", 6, 0, list(CATEGORIES), objects=1.0)
     assert all({q for q, _ in turns} == set(synthetic.OBJECT_QUESTIONS.values()) for _, turns, _, _ in mixed)
+    seen = 0
+    for image, turns, _, _ in experiment.draw_records("objects", "train", 8, 0, [], object_where=True):
+        column = synthetic.POSITIONS.index(dict(turns)["Where is the object?"])
+        pixels = np.asarray(image)
+        grey = np.all(pixels == pixels[..., :1], axis=-1)
+        xs = np.nonzero(grey & np.any(pixels != synthetic.BACKGROUND, axis=-1))[1]  # its visible pixels
+        assert len(turns) == 3 and np.all(xs // synthetic.CELL == column)
+        seen += xs.size > 0
+    assert seen >= 4  # (a filled mask may hide all of it)

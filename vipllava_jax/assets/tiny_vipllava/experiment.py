@@ -54,6 +54,26 @@ stage 2's records from the objects task (`--objects 0.2`) after that markers pha
 take off (colour 93-94% at step 1500), but the shape is learned with seed 0 only: 82.0% after
 2500 steps (shape 66) and 75.3% (shape 34, the colour questions 95-99%) with seed 1.
 
+Stop 16: what limits the marked shape is the tower. A linear probe (logistic regression on
+the projector's output token of each object, 6000 training / 1500 held-out scenes) reads the
+shape of marked objects at 87-91% after the objects stage and of unmarked ones at 96-97%, and
+a probe fit on unmarked tokens reads marked ones at 86-89%: one shape code, marker or not. In
+the shipped model (after stage 2) the probes read 73-75% (marked) and 88-89% (unmarked), the
+decoder 71% (shape) and 57% (left, objects that exist). Training the tower at full lr erases
+the shared code: 500 steps of markers alone take the transfer probe from 87% to 63% (at
+`--tower-lr` 0.1 or 0 it stays at 85-89% but "where" is not learned, 30%). With `--tower-lr
+0.3` and `--objects 0.2` after the markers phase, seed 1 reaches 85.2% after 2500 steps (left
+94, shape 47, transfer probe 58%; the shipped test split by generation: 85.8%, pairs 78.5%)
+and seed 0 74.8%. Where the take-off comes from: `--object-where` (the objects stage also asks
+the object's column) learns "where" in 500 steps but slows the shape (61% after 1500); 400
+such steps after the objects stage keep the shape code (transfer 86-91%, shape 100/94, where
+100/97). Stage 2 from there with `--objects 0.2`, seed 1: at `--tower-lr 0.3` no take-off
+(53.8% after 2500 steps); at full lr a late one (52.2% at 1500, 65.2% at 2500: colour 87,
+shape 74, left 41), and the tower's code is the best seen (probes 94% marked, 99% unmarked,
+transfer 79-91%): the next candidate recipe, to be judged with make.sh's 3500 steps over seeds.
+Seed 1 from the objects stage takes off neither at `--tower-lr 0.3` (52.7% after 2000) nor
+with `--position-aux 2` (48.0% after 2500).
+
     python vipllava_jax/assets/tiny_vipllava/experiment.py --task objects --steps 1500 --save /tmp/s1
     python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --steps 3000
     python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --task objects \
