@@ -193,6 +193,19 @@ def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
     assert len(records) == 10 and all(a[2] == b[2] for a, b in zip(records[0::2], records[1::2]))
 
 
+def test_recipe_experiment_shape_probe_reads_the_objects_cells():
+    """experiment.py's `shape_probe` (the tower diagnosis) reads the shipped model's tokens of
+    the objects' cells: unmarked shapes well above chance (1/3; measured 84% with 400 scenes)."""
+    from vipllava_jax import VipLlavaForConditionalGeneration, VipLlavaProcessor
+    from vipllava_jax.demo import ASSETS
+
+    path = ASSETS / "tiny_vipllava" / "model"
+    probes = _experiment_tool().shape_probe(VipLlavaForConditionalGeneration.from_pretrained(path),
+                                            VipLlavaProcessor.from_pretrained(path), scenes=400)
+    assert set(probes) == {"marked", "unmarked", "transfer"}
+    assert probes["unmarked"] > 0.7 and all(1 / 3 < v <= 1 for v in probes.values()), probes
+
+
 def test_recipe_experiment_mixes_markers_alone_and_objects_records():
     """experiment.py's curriculum options: `marker_only` records show the marker and nothing
     else and ask the auxiliary questions (test: "where", every third record); `objects` puts
