@@ -147,14 +147,16 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """clip_by_global_norm -> AdamW with the warmup + cosine schedule (trainable params only)
     -> the updates of the submodules in `config.lr_multipliers` scaled."""
-    return optax.chain(
+    chain = [
         optax.clip_by_global_norm(config.max_grad_norm),
         optax.adamw(
             learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
             weight_decay=config.weight_decay, mask=_decay_mask,
         ),
-        _scale_submodules(dict(config.lr_multipliers)),
-    )
+    ]
+    if config.lr_multipliers:  # (only then: without, the optimizer state keeps its old layout)
+        chain.append(_scale_submodules(dict(config.lr_multipliers)))
+    return optax.chain(*chain)
 
 
 def _scale_submodules(factors: dict[str, float]) -> optax.GradientTransformation:
