@@ -128,12 +128,13 @@ def test_lr_multipliers_scale_their_submodules_updates(tiny):
               for name in ("vision_tower", "multi_modal_projector", "language_model")}
     grads = jax.tree.map(lambda p: 0.1 * p + 0.3, params)
     base = TrainConfig(learning_rate=0.1, weight_decay=0.5)
-    config = TrainConfig(**{**base.__dict__, "lr_multipliers": {"vision_tower": 0.25, "language_model": 0}})
+    factors = {"vision_tower": 0.25, "language_model": 0}
+    config = TrainConfig(**{**base.__dict__, "lr_multipliers": factors})
     assert config.lr_multipliers == (("language_model", 0.0), ("vision_tower", 0.25))
     plain, scaled = (make_optimizer(c) for c in (base, config))
     want, _ = plain.update(grads, plain.init(params), params)
     got, _ = scaled.update(grads, scaled.init(params), params)
-    for name, factor in (("vision_tower", 0.25), ("language_model", 0.0), ("multi_modal_projector", 1.0)):
+    for name, factor in {**factors, "multi_modal_projector": 1.0}.items():
         for leaf in ("kernel", "bias"):
             assert np.abs(want[name][leaf]).min() > 0
             np.testing.assert_allclose(got[name][leaf], factor * want[name][leaf], rtol=1e-6)

@@ -107,8 +107,10 @@ class TrainConfig:
     def __post_init__(self):
         multipliers = dict(self.lr_multipliers)
         if any(not isinstance(f, (int, float)) or f < 0 for f in multipliers.values()):
-            raise ValueError(f"lr_multipliers must map submodule names to factors >= 0, got {multipliers}")
-        object.__setattr__(self, "lr_multipliers", tuple(sorted((str(k), float(f)) for k, f in multipliers.items())))
+            raise ValueError(
+                f"lr_multipliers must map submodule names to factors >= 0, got {multipliers}")
+        multipliers = tuple(sorted((str(k), float(f)) for k, f in multipliers.items()))
+        object.__setattr__(self, "lr_multipliers", multipliers)  # hashable, like the other fields
         if self.stage not in STAGES:  # checked against the model by init_train_state
             raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
         if self.remat not in REMAT_POLICIES:
@@ -206,10 +208,11 @@ def init_train_state(
     if config.stage == "lora":
         lora.add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(model, config.stage), ...)
-    unknown = sorted({k for k, _ in config.lr_multipliers} - set(nnx.to_pure_dict(trainable)))
+    trained = set(nnx.to_pure_dict(trainable))  # top-level submodules
+    unknown = sorted({k for k, _ in config.lr_multipliers} - trained)
     if unknown:
         raise ValueError(f"lr_multipliers names {unknown}, which stage {config.stage!r} does not "
-                         f"train (it trains {sorted(nnx.to_pure_dict(trainable))})")
+                         f"train (it trains {sorted(trained)})")
     param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
     frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
     params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)

@@ -255,7 +255,8 @@ def shape_probe(model, processor, scenes: int = 6000, seed: int = 0) -> dict[str
         images, shapes, marked = [], [], []
         for _ in range(n):
             scene, k = S.random_scene(rng), int(rng.integers(S.NUM_OBJECTS))
-            marker, color = MARKERS[int(rng.integers(len(MARKERS)))], tuple(COLORS)[int(rng.integers(len(COLORS)))]
+            marker = MARKERS[int(rng.integers(len(MARKERS)))]
+            color = tuple(COLORS)[int(rng.integers(len(COLORS)))]
             style = "random" if split == "train" else "constant"
             images.append(S.marked_image(scene, k, marker, color, style, int(rng.integers(2**31))))
             shapes.append([S.SHAPES.index(o.shape) for o in scene.objects])
@@ -382,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         table[...] = np.random.default_rng([args.seed, 1]).normal(
             0.0, args.position_std, table.shape).astype(table.dtype)
     if args.probe:
-        print(" ".join(f"{k} {100 * v:.1f}%" for k, v in shape_probe(model, processor, seed=args.seed).items()))
+        probes = shape_probe(model, processor, seed=args.seed)
+        print(" ".join(f"{k} {100 * v:.1f}%" for k, v in probes.items()))
         return
     encoder = ConversationEncoder(processor)
     train_records = draw_records(args.task, "train", args.train or args.steps * args.batch_size,
