@@ -71,7 +71,9 @@ such steps after the objects stage keep the shape code (transfer 86-91%, shape 1
 100/97). Stage 2 from there with `--objects 0.2`, seed 1: at `--tower-lr 0.3` no take-off
 (53.8% after 2500 steps); at full lr a late one (52.2% at 1500, 65.2% at 2500: colour 87,
 shape 74, left 41), and the tower's code is the best seen (`--probe`: 95.2% marked, 99.3%
-unmarked, transfer 87.6%): the next candidate recipe, to be judged with make.sh's 3500 steps over seeds.
+unmarked, transfer 87.6%). Seed 0, 3500 steps (make.sh's): 60.0% at 2000, 84.7% at 3500,
+pairs 71.7% (shape 89, left 82, colour 96, right 74, count 82): the marked shape is learned,
+the late take-off leaves the neighbour and count questions short. The next candidate recipe.
 Seed 1 from the objects stage takes off neither at `--tower-lr 0.3` (52.7% after 2000) nor
 with `--position-aux 2` (48.0% after 2500).
 
