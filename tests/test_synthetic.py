@@ -168,6 +168,43 @@ def test_object_records_show_one_object_marked_half_of_the_time(tmp_path):
             assert cols.min() // synthetic.CELL == cols.max() // synthetic.CELL
 
 
+def _turns(record):
+    return {c["value"].removeprefix("<image>\n"): a["value"]
+            for c, a in zip(record["conversations"][::2], record["conversations"][1::2])}
+
+
+def test_warm_up_splits_where_and_color_and_single_objects_mixed_in(tmp_path):
+    """make.sh's stages 2-4: "where" asks a single object's shape, colour and column; "color"
+    asks only the marked object's colour in marked scenes; `train_objects`/`color_objects` make
+    that fraction of the train/color records single objects (the objects split's records)."""
+    write_dataset(tmp_path, train=60, val=2, test=2, where=12, color=60,
+                  train_objects=0.25, color_objects=0.5)
+    for r in _records(tmp_path, "where"):
+        turns = _turns(r)
+        assert r["category"] == "object" and len(turns) == 3
+        assert set(turns) == {*synthetic.OBJECT_QUESTIONS.values(), synthetic.OBJECT_WHERE}
+        pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+        grey = np.all(pixels == pixels[..., :1], axis=-1)  # achromatic: background or object
+        xs = np.nonzero(grey & np.any(pixels != synthetic.BACKGROUND, axis=-1))[1]
+        column = synthetic.POSITIONS.index(turns[synthetic.OBJECT_WHERE])
+        assert np.all(xs // synthetic.CELL == column)  # its visible pixels, in that column
+    color = _records(tmp_path, "color")
+    single = [r for r in color if r["category"] == "object"]
+    assert 15 <= len(single) <= 45 and {r["category"] for r in color} == {"object", "color"}
+    for r in color:
+        turns = _turns(r)
+        if r["category"] == "color":
+            assert list(turns) == [QUESTIONS["color"]] and "marker" in r
+            assert turns[QUESTIONS["color"]] in synthetic.OBJECT_COLORS
+        else:
+            assert set(turns) == set(synthetic.OBJECT_QUESTIONS.values())
+    train = _records(tmp_path, "train")
+    assert 5 <= sum(r["category"] == "object" for r in train) <= 25
+    assert all(len(_turns(r)) == 7 for r in train if r["category"] == "all")
+    with pytest.raises(ValueError, match="train_objects is a fraction"):
+        write_dataset(tmp_path / "bad", train=2, val=2, test=2, train_objects=20)
+
+
 def _experiment_tool():
     import importlib.util
 
@@ -225,7 +262,7 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records():
     assert all({q for q, _ in turns} == set(synthetic.OBJECT_QUESTIONS.values()) for _, turns, _, _ in mixed)
     seen = 0
     for image, turns, _, _ in experiment.draw_records("objects", "train", 8, 0, [], object_where=True):
-        column = synthetic.POSITIONS.index(dict(turns)["Where is the object?"])
+        column = synthetic.POSITIONS.index(dict(turns)[synthetic.OBJECT_WHERE])
         pixels = np.asarray(image)
         grey = np.all(pixels == pixels[..., :1], axis=-1)
         xs = np.nonzero(grey & np.any(pixels != synthetic.BACKGROUND, axis=-1))[1]  # its visible pixels

@@ -157,7 +157,7 @@ def draw_records(task: str, split: str, n: int, seed: int, questions: list[str],
             turns = [(q, getattr(obj, attr), attr + "*" * mark)  # test: "*" when marked
                      for attr, q in S.OBJECT_QUESTIONS.items()]
             if object_where:  # its column: what "Where is the marked object?" asks in scenes
-                turns.append(("Where is the object?", S.POSITIONS[marked], "where" + "*" * mark))
+                turns.append((S.OBJECT_WHERE, S.POSITIONS[marked], "where" + "*" * mark))
             if split == "test":  # one question per record, the types in turn
                 q, a, attr = turns[i % len(turns)]
                 records.append((image, [(q, a)], attr, None))
