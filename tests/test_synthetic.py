@@ -243,11 +243,11 @@ def test_recipe_experiment_shape_probe_reads_the_objects_cells():
     assert probes["unmarked"] > 0.7 and all(1 / 3 < v <= 1 for v in probes.values()), probes
 
 
-def test_recipe_experiment_mixes_markers_alone_and_objects_records():
+def test_recipe_experiment_mixes_markers_alone_and_objects_records(monkeypatch):
     """experiment.py's curriculum options: `marker_only` records show the marker and nothing
-    else and ask the auxiliary questions (test: "where", every third record); `objects` puts
-    the objects task's records into the marked task's training set; `object_where` asks the
-    objects task where its object is."""
+    else and ask the auxiliary questions (test: "where", every third record); `count_aux` asks
+    how many objects have a named colour; `objects` puts the objects task's records into the
+    marked task's training set; `object_where` asks the objects task where its object is."""
     experiment = _experiment_tool()
     aux = set(synthetic.AUX_QUESTIONS.values())
     for image, turns, _, _ in experiment.draw_records("objects", "train", 6, 0, [], marker_only=1.0):
@@ -258,6 +258,17 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records():
     test = experiment.draw_records("objects", "test", 6, 0, [], marker_only=0.5)
     assert [r[2] for r in test].count("where") == 2
     assert all(turns[0][1] in synthetic.POSITIONS for _, turns, cat, _ in test if cat == "where")
+    counts = {"white": "two", "black": "one", "gray": "zero"}  # in the scene drawn below
+    fixed = Scene(tuple(SceneObject("square", c, (16 * i + 2, 18, 16 * i + 12, 28))
+                        for i, c in enumerate(("white", "black", "white"))))
+    with monkeypatch.context() as m:
+        m.setattr(synthetic, "random_scene", lambda rng: fixed)
+        counted = experiment.draw_records("marked", "train", 9, 0, list(CATEGORIES), count_aux=True)
+    for _, turns, _, _ in counted:
+        asked = [(q, a) for q, a in turns if q.startswith("How many objects have the color ")]
+        assert len(turns) == 8 and len(asked) == 1
+        colour = asked[0][0].removeprefix("How many objects have the color ").removesuffix("?")
+        assert asked[0][1] == counts[colour]
     mixed = experiment.draw_records("marked", "train", 6, 0, list(CATEGORIES), objects=1.0)
     assert all({q for q, _ in turns} == set(synthetic.OBJECT_QUESTIONS.values()) for _, turns, _, _ in mixed)
     seen = 0

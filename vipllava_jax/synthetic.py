@@ -1,4 +1,4 @@
-"""A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
+r"""A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
 
 Each scene (48 x 48 px) holds three coloured shapes on a plain background, one in each cell of
 the middle row of a 3 x 3 grid;
@@ -31,14 +31,23 @@ held-out scenes are never seen in training.
 - objects (`--objects N`, optional): one object alone in a random cell, marked half of the
   time, and two questions about it (`OBJECT_QUESTIONS`: its shape, its colour); the warm-up
   the embedded model trains on first.
+- where (`--where N`, optional): the objects split's records with a third question, the
+  object's column (`OBJECT_WHERE`); the embedded model's second stage.
+- color (`--color N`, optional): marked scenes (never a train or held-out one) with one
+  question, the marked object's colour; the embedded model's third stage, which teaches its
+  decoder to attend to the marked object.
+- `--train-objects F`, `--color-objects F`: that fraction of the train / color records are
+  single objects as in the objects split (they keep the tower's shape code while the rest
+  trains).
 - markers (`--markers N`, optional): the marker alone where an object would be, no objects,
   the two auxiliary questions: a warm-up split (the embedded model's recipe trained on it
   first while its tower had 8 px patches; with 16 px patches it needs none).
 
-    python -m vipllava_jax.synthetic --out DIR --train 56000 --val 200 --test 400 --objects 24000
+    python -m vipllava_jax.synthetic --out DIR --train 48000 --val 200 --test 400 --objects 24000 \
+        --where 6400 --color 24000 --train-objects 0.2 --color-objects 0.3
 
-writes DIR/{train,val,test,objects,markers}.jsonl, DIR/images/{split}/*.png and DIR/tokenizer/
-(`make_tokenizer`).
+writes DIR/{train,val,test,objects,where,color}.jsonl (and markers.jsonl with `--markers`),
+DIR/images/{split}/*.png and DIR/tokenizer/ (`make_tokenizer`).
 """
 
 from __future__ import annotations
