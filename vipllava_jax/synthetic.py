@@ -1,4 +1,4 @@
-r"""A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
+"""A synthetic visual-prompt task small enough for a tiny VipLlava to learn on a CPU.
 
 Each scene (48 x 48 px) holds three coloured shapes on a plain background, one in each cell of
 the middle row of a 3 x 3 grid;
@@ -32,19 +32,19 @@ held-out scenes are never seen in training.
   time, and two questions about it (`OBJECT_QUESTIONS`: its shape, its colour); the warm-up
   the embedded model trains on first.
 - where (`--where N`, optional): the objects split's records with a third question, the
-  object's column (`OBJECT_WHERE`); the embedded model's second stage.
+  object's column (`OBJECT_WHERE`).
 - color (`--color N`, optional): marked scenes (never a train or held-out one) with one
-  question, the marked object's colour; the embedded model's third stage, which teaches its
-  decoder to attend to the marked object.
+  question, the marked object's colour: it teaches a decoder to attend to the marked object.
 - `--train-objects F`, `--color-objects F`: that fraction of the train / color records are
   single objects as in the objects split (they keep the tower's shape code while the rest
   trains).
+  The last three are the data of a four-stage recipe (stop 17, branch `four-stage-recipe`:
+  objects, where, color, the task) that the embedded model's make.sh does not use yet.
 - markers (`--markers N`, optional): the marker alone where an object would be, no objects,
   the two auxiliary questions: a warm-up split (the embedded model's recipe trained on it
   first while its tower had 8 px patches; with 16 px patches it needs none).
 
-    python -m vipllava_jax.synthetic --out DIR --train 48000 --val 200 --test 400 --objects 24000 \
-        --where 6400 --color 24000 --train-objects 0.2 --color-objects 0.3
+    python -m vipllava_jax.synthetic --out DIR --train 56000 --val 200 --test 400 --objects 24000
 
 writes DIR/{train,val,test,objects,where,color}.jsonl (and markers.jsonl with `--markers`),
 DIR/images/{split}/*.png and DIR/tokenizer/ (`make_tokenizer`).
@@ -111,7 +111,7 @@ OBJECT_QUESTIONS: dict[str, str] = {
 }
 # The "where" split: the objects split's records with a third question, the object's column.
 # A short run on it after the objects stage teaches "where" (the column) and keeps the shape
-# code the objects stage built in the tower (stop 16).
+# code the objects stage built in the tower (stop 16, experiment.py).
 OBJECT_WHERE = "Where is the object?"
 # The "color" split: marked scenes, one question, the marked object's colour. Of the task's
 # questions it is the one that teaches the decoder to attend to the marked object soonest

@@ -87,11 +87,13 @@ keeps it (92.5 / 98.1 / 86.6%) and reaches 91% after 1500 steps. The task from t
 (`--objects 0.2`, 3000 steps) takes off at once: seed 0 82.2% after 1000 steps, 95.3% after
 3000 (pairs 91.0%; shape 97, left 98, right 92, count 92, colour 98); seed 1 (its colour phase
 slower: 69% after 1500) 64.5% at 1000, 96.2% after 3000 (pairs 92.7%). The weakest marker is
-the ellipse (81-83%, the others 93-100%). make.sh's four stages. A random init's objects stage
+the ellipse (81-83%, the others 93-100%). A random init's objects stage
 learns shapes with seed 0 (96 / 87% after 1500 steps) but not with seed 1 (28 / 39%): that
 stage has its own luck, and make.sh's draw is a third one. make.sh with these four stages
-(4 decoder heads): 87.2% on the test split, pairs 78.5%, in 677 s of training: color 96, left
-99, right 98, shape 96, and count 48 (it says "one"). From make.sh's stage 3, this tool's
+(branch `four-stage-recipe`; synthetic's where and color splits, `--train-objects 0.2`
+`--color-objects 0.3`): 87.2% on the test split, pairs 78.5%, in 677 s of training: color 96,
+left 99, right 98, shape 96, and count 48 (it says "one"); with stage 4 at 4000 steps 80.8%
+(count 43, shape 74). From make.sh's stage 3, this tool's
 stage 4 (seed 0) reaches count 79 after 3000 steps (93.3%); adding "How many objects have the
 color C?" to each record (`--count-aux`) count 88 but shape 82, left 87 (89.7%); asking count
 next to colour in stage 3 (`--questions color,count`: 92 / 68% after 1500 steps) count 98 but
