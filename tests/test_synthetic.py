@@ -174,9 +174,10 @@ def _turns(record):
 
 
 def test_warm_up_splits_where_and_color_and_single_objects_mixed_in(tmp_path):
-    """make.sh's stages 2-4: "where" asks a single object's shape, colour and column; "color"
-    asks only the marked object's colour in marked scenes; `train_objects`/`color_objects` make
-    that fraction of the train/color records single objects (the objects split's records)."""
+    """The four-stage candidate recipe's data: "where" asks a single object's shape, colour and
+    column; "color" asks only the marked object's colour in marked scenes; `train_objects` and
+    `color_objects` make that fraction of the train/color records single objects (the objects
+    split's records)."""
     write_dataset(tmp_path, train=60, val=2, test=2, where=12, color=60,
                   train_objects=0.25, color_objects=0.5)
     for r in _records(tmp_path, "where"):
