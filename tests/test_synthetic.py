@@ -206,6 +206,59 @@ def test_warm_up_splits_where_and_color_and_single_objects_mixed_in(tmp_path):
         write_dataset(tmp_path / "bad", train=2, val=2, test=2, train_objects=20)
 
 
+def _cell_colours(pixels):
+    """[H, W, 3] image -> the object colour name seen in each column's cell (None: none
+    visible): the commonest achromatic pixel that is not background, as markers tint what
+    they cover."""
+    names = {v: k for k, v in synthetic.OBJECT_COLORS.items()}
+    grey = np.all(pixels == pixels[..., :1], axis=-1) & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+    out = []
+    rows = slice(synthetic.CELL, 2 * synthetic.CELL)  # the middle row
+    for k in range(synthetic.NUM_OBJECTS):
+        cols = slice(k * synthetic.CELL, (k + 1) * synthetic.CELL)
+        values, counts = np.unique(pixels[rows, cols][grey[rows, cols]], axis=0, return_counts=True)
+        out.append(names.get(tuple(values[counts.argmax()])) if len(values) else None)
+    return out
+
+
+def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(tmp_path):
+    """`color_count` makes that share of the color split's scenes ask the count question (its
+    answer the number of cells whose object has the marked one's colour); `constant_markers`
+    draws that share of the training markers as the held-out splits do: alpha 128, so each
+    pixel under the marker is the half-way blend of the marker's colour and the scene's."""
+    from vipllava_jax.visual_prompts import COLORS
+
+    write_dataset(tmp_path, train=80, val=2, test=2, color=80, color_count=0.5, constant_markers=0.5)
+    color = _records(tmp_path, "color")
+    counted = [r for r in color if r["category"] == "count"]
+    assert 20 <= len(counted) <= 60 and {r["category"] for r in color} == {"color", "count"}
+    checked = 0
+    for r in counted:
+        (question, answer), = _turns(r).items()
+        assert question == QUESTIONS["count"]
+        pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+        cells = _cell_colours(pixels)
+        if r["marker"] in ("mask", "point") or None in cells:  # the marked object tinted all over
+            continue
+        assert answer == synthetic.COUNT_WORDS[cells.count(cells[r["marked"]])], (r, cells)
+        checked += 1
+    assert checked >= 5
+    bases = np.array([synthetic.BACKGROUND, *synthetic.OBJECT_COLORS.values()])  # under a marker
+    for split in ("train", "color"):
+        records = _records(tmp_path, split)
+        styles = [r["marker_style"] for r in records]
+        assert 0.25 <= styles.count("constant") / len(styles) <= 0.75 and set(styles) == {"constant", "random"}
+        agree = 0
+        for r in records:
+            pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
+            marked = pixels[(pixels.max(-1) - pixels.min(-1)) > 0]  # the scene is achromatic
+            halves = np.round(np.array(COLORS[r["marker_color"]]) * 128 / 255 + bases * 127 / 255)
+            half = np.abs(marked[:, None] - halves[None]).max(-1).min(-1) <= 1  # [pixels]
+            agree += half.all() == (r["marker_style"] == "constant")
+        assert agree >= 0.9 * len(records), (split, agree, len(records))
+    assert {r["marker_style"] for r in _records(tmp_path, "test")} == {"constant"}
+
+
 def _experiment_tool():
     import importlib.util
 

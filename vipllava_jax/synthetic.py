@@ -282,14 +282,18 @@ def _twin_object(scene: Scene, marked: int, category: str, rng: np.random.Genera
 
 
 def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_only: float = 0.0,
-                   objects: float = 0.0) -> list[dict]:
+                   objects: float = 0.0, color_count: float = 0.0,
+                   constant_markers: float = 0.0) -> list[dict]:
     """Writes `n` records of `split` (held-out splits: n // 2 scenes, twice each) and their PNGs.
 
     A `marker_only` fraction of the records of a training split shows the marker without the
     objects and asks only the two auxiliary questions (`category` "marker_only"; the "markers"
     split is all of them). An `objects` fraction of the records of the train and color splits
     are the objects split's (`category` "object"): they keep the tower's shape code while the
-    rest trains (stop 16).
+    rest trains (stop 16). A `color_count` fraction of the color split's scenes asks the count
+    question instead of the colour. A `constant_markers` fraction of a training split's markers
+    is drawn in the evaluation style (`style="constant"`, as the held-out splits draw all of
+    theirs) instead of a random one.
 
     Returns the records, also written to `out/{split}.jsonl`.
     """
@@ -326,9 +330,10 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
                     records.append({"id": name, "image": f"images/{split}/{name}.png",
                                     "conversations": _conversation(turns), "category": category})
                     continue
-            elif split == "color":  # the marked object's colour, nothing else
-                image, category = render_scene(scene), "color"
-                turns = [(QUESTIONS["color"], answer(scene, marked, "color"))]
+            elif split == "color":  # the marked object's colour (or a `color_count` share: count)
+                asked = "count" if color_count and rng.random() < color_count else "color"
+                image, category = render_scene(scene), asked
+                turns = [(QUESTIONS[asked], answer(scene, marked, asked))]
             elif rng.random() < marker_only:  # the marker alone, where an object would be
                 image = PIL.Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
                 category, turns = "marker_only", aux
@@ -340,11 +345,13 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
                 turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
                 for turn in aux:
                     turns.insert(int(rng.integers(len(turns) + 1)), turn)
-            vp = marker_prompt(scene, marked, marker, color, "random", marker_seed)
+            style = "constant" if constant_markers and rng.random() < constant_markers else "random"
+            vp = marker_prompt(scene, marked, marker, color, style, marker_seed)
             draw_marker(image, vp).save(image_dir / f"{name}.png")
             records.append({"id": name, "image": f"images/{split}/{name}.png",
                             "conversations": _conversation(turns), "category": category,
-                            "marker": marker, "marker_color": color, "marked": marked})
+                            "marker": marker, "marker_color": color, "marker_style": style,
+                            "marked": marked})
             continue
         category = CATEGORIES[i % len(CATEGORIES)]  # balanced categories
         first = int(rng.integers(NUM_OBJECTS))
@@ -357,7 +364,7 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
                 "id": name, "image": f"images/{split}/{name}.png",
                 "conversations": _conversation([(QUESTIONS[category], answer(scene, marked, category))]),
                 "category": category, "pair": pair, "twin": f"{pair}{other}",
-                "marker": marker, "marker_color": color, "marked": marked,
+                "marker": marker, "marker_color": color, "marker_style": "constant", "marked": marked,
             })
     with open(out / f"{split}.jsonl", "w") as f:
         for r in records:
@@ -367,11 +374,16 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
 
 def write_dataset(out: str | Path, *, train: int, val: int, test: int, seed: int = 0,
                   markers: int = 0, objects: int = 0, where: int = 0, color: int = 0,
-                  train_objects: float = 0.0, color_objects: float = 0.0) -> dict[str, int]:
+                  train_objects: float = 0.0, color_objects: float = 0.0, color_count: float = 0.0,
+                  constant_markers: float = 0.0) -> dict[str, int]:
     """Writes the splits (`markers`, `objects`, `where`, `color` > 0: also those warm-up
     splits) and the task's tokenizer to `out`; returns records per split. `train_objects` and
-    `color_objects`: the fraction of those splits' records that are single objects."""
-    for name, fraction in (("train_objects", train_objects), ("color_objects", color_objects)):
+    `color_objects`: the fraction of those splits' records that are single objects;
+    `color_count`: of the color split's scenes, the fraction asked the count question instead;
+    `constant_markers`: of every training split's markers, the fraction drawn in the
+    evaluation style (`generate_split`)."""
+    for name, fraction in (("train_objects", train_objects), ("color_objects", color_objects),
+                           ("color_count", color_count), ("constant_markers", constant_markers)):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} is a fraction of the records, 0 to 1; got {fraction}")
     out = Path(out)
@@ -380,14 +392,19 @@ def write_dataset(out: str | Path, *, train: int, val: int, test: int, seed: int
     counts = {}
     for split, n in (("train", train), ("val", val), ("test", test)):
         counts[split] = len(generate_split(out, split, n, seed, seen,
-                                           objects=train_objects if split == "train" else 0.0))
+                                           objects=train_objects if split == "train" else 0.0,
+                                           constant_markers=constant_markers))
     if markers:  # no objects drawn: its scenes need not be kept apart
-        counts["markers"] = len(generate_split(out, "markers", markers, seed, set(), marker_only=1.0))
+        counts["markers"] = len(generate_split(out, "markers", markers, seed, set(), marker_only=1.0,
+                                               constant_markers=constant_markers))
     for split, n in (("objects", objects), ("where", where)):
         if n:  # a single object: never a held-out scene
-            counts[split] = len(generate_split(out, split, n, seed, set()))
+            counts[split] = len(generate_split(out, split, n, seed, set(),
+                                               constant_markers=constant_markers))
     if color:  # scenes of the task: never a held-out one (nor a train one)
-        counts["color"] = len(generate_split(out, "color", color, seed, seen, objects=color_objects))
+        counts["color"] = len(generate_split(out, "color", color, seed, seen, objects=color_objects,
+                                             color_count=color_count,
+                                             constant_markers=constant_markers))
     make_tokenizer(out / "tokenizer")
     return counts
 
@@ -514,12 +531,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="this fraction of the train records are single-object records")
     p.add_argument("--color-objects", type=float, default=0.0,
                    help="this fraction of the color records are single-object records")
+    p.add_argument("--color-count", type=float, default=0.0,
+                   help="this fraction of the color split's scenes asks the count question instead")
+    p.add_argument("--constant-markers", type=float, default=0.0,
+                   help="this fraction of the training splits' markers is drawn in the evaluation style")
     p.add_argument("--init-model", metavar="DIR", help="also write a random tiny model here")
     args = p.parse_args(argv)
     counts = write_dataset(args.out, train=args.train, val=args.val, test=args.test, seed=args.seed,
                            markers=args.markers, objects=args.objects, where=args.where,
                            color=args.color, train_objects=args.train_objects,
-                           color_objects=args.color_objects)
+                           color_objects=args.color_objects, color_count=args.color_count,
+                           constant_markers=args.constant_markers)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), f"-> {args.out}")
     if args.init_model:
         print(f"random tiny model -> {init_model(args.init_model, Path(args.out) / 'tokenizer')}")
