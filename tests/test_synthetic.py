@@ -222,13 +222,16 @@ def _cell_colours(pixels):
 
 
 def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(tmp_path):
-    """`color_count` makes that share of the color split's scenes ask the count question (its
+    """make.sh's data options (stop 18). `color_count` makes that share of the color split's scenes ask the count question (its
     answer the number of cells whose object has the marked one's colour); `constant_markers`
     draws that share of the training markers as the held-out splits do: alpha 128, so each
     pixel under the marker is the half-way blend of the marker's colour and the scene's."""
     from vipllava_jax.visual_prompts import COLORS
 
-    write_dataset(tmp_path, train=80, val=2, test=2, color=80, color_count=0.5, constant_markers=0.5)
+    write_dataset(tmp_path, train=80, val=2, test=2, color=80, color_count=0.5, constant_markers=0.5,
+                  task_aux=False)
+    for r in _records(tmp_path, "train"):  # task_aux=False: the five questions, no auxiliary one
+        assert set(_turns(r)) == set(QUESTIONS.values())
     color = _records(tmp_path, "color")
     counted = [r for r in color if r["category"] == "count"]
     assert 20 <= len(counted) <= 60 and {r["category"] for r in color} == {"color", "count"}

@@ -283,7 +283,7 @@ def _twin_object(scene: Scene, marked: int, category: str, rng: np.random.Genera
 
 def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_only: float = 0.0,
                    objects: float = 0.0, color_count: float = 0.0,
-                   constant_markers: float = 0.0) -> list[dict]:
+                   constant_markers: float = 0.0, task_aux: bool = True) -> list[dict]:
     """Writes `n` records of `split` (held-out splits: n // 2 scenes, twice each) and their PNGs.
 
     A `marker_only` fraction of the records of a training split shows the marker without the
@@ -293,7 +293,8 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
     rest trains (stop 16). A `color_count` fraction of the color split's scenes asks the count
     question instead of the colour. A `constant_markers` fraction of a training split's markers
     is drawn in the evaluation style (`style="constant"`, as the held-out splits draw all of
-    theirs) instead of a random one.
+    theirs) instead of a random one. Without `task_aux` the train split's scenes are asked the
+    five questions only, not the two auxiliary ones.
 
     Returns the records, also written to `out/{split}.jsonl`.
     """
@@ -343,7 +344,7 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
                 image, category = render_scene(scene), "all"
                 order = rng.permutation(len(CATEGORIES))
                 turns = [(QUESTIONS[CATEGORIES[k]], answer(scene, marked, CATEGORIES[k])) for k in order]
-                for turn in aux:
+                for turn in aux if task_aux else ():
                     turns.insert(int(rng.integers(len(turns) + 1)), turn)
             style = "constant" if constant_markers and rng.random() < constant_markers else "random"
             vp = marker_prompt(scene, marked, marker, color, style, marker_seed)
@@ -375,13 +376,14 @@ def generate_split(out: Path, split: str, n: int, seed: int, seen: set, marker_o
 def write_dataset(out: str | Path, *, train: int, val: int, test: int, seed: int = 0,
                   markers: int = 0, objects: int = 0, where: int = 0, color: int = 0,
                   train_objects: float = 0.0, color_objects: float = 0.0, color_count: float = 0.0,
-                  constant_markers: float = 0.0) -> dict[str, int]:
+                  constant_markers: float = 0.0, task_aux: bool = True) -> dict[str, int]:
     """Writes the splits (`markers`, `objects`, `where`, `color` > 0: also those warm-up
     splits) and the task's tokenizer to `out`; returns records per split. `train_objects` and
     `color_objects`: the fraction of those splits' records that are single objects;
     `color_count`: of the color split's scenes, the fraction asked the count question instead;
     `constant_markers`: of every training split's markers, the fraction drawn in the
-    evaluation style (`generate_split`)."""
+    evaluation style; `task_aux=False`: train records without the auxiliary questions
+    (`generate_split`)."""
     for name, fraction in (("train_objects", train_objects), ("color_objects", color_objects),
                            ("color_count", color_count), ("constant_markers", constant_markers)):
         if not 0.0 <= fraction <= 1.0:
@@ -393,7 +395,7 @@ def write_dataset(out: str | Path, *, train: int, val: int, test: int, seed: int
     for split, n in (("train", train), ("val", val), ("test", test)):
         counts[split] = len(generate_split(out, split, n, seed, seen,
                                            objects=train_objects if split == "train" else 0.0,
-                                           constant_markers=constant_markers))
+                                           constant_markers=constant_markers, task_aux=task_aux))
     if markers:  # no objects drawn: its scenes need not be kept apart
         counts["markers"] = len(generate_split(out, "markers", markers, seed, set(), marker_only=1.0,
                                                constant_markers=constant_markers))
@@ -535,13 +537,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="this fraction of the color split's scenes asks the count question instead")
     p.add_argument("--constant-markers", type=float, default=0.0,
                    help="this fraction of the training splits' markers is drawn in the evaluation style")
+    p.add_argument("--no-aux", action="store_true",
+                   help="train records ask the five questions only, not the two auxiliary ones")
     p.add_argument("--init-model", metavar="DIR", help="also write a random tiny model here")
     args = p.parse_args(argv)
     counts = write_dataset(args.out, train=args.train, val=args.val, test=args.test, seed=args.seed,
                            markers=args.markers, objects=args.objects, where=args.where,
                            color=args.color, train_objects=args.train_objects,
                            color_objects=args.color_objects, color_count=args.color_count,
-                           constant_markers=args.constant_markers)
+                           constant_markers=args.constant_markers, task_aux=not args.no_aux)
     print(" ".join(f"{k}={v}" for k, v in counts.items()), f"-> {args.out}")
     if args.init_model:
         print(f"random tiny model -> {init_model(args.init_model, Path(args.out) / 'tokenizer')}")
