@@ -11,25 +11,40 @@ SHIP="${2:-}"
 mkdir -p "$WORK"
 cd "$WORK"
 
-# 1. data (56000 train scenes x 7 questions, each seen once; 200 val / 400 test questions,
-#    marked twins; 24000 single-object records for stage 1), the task's word-level tokenizer,
-#    and the random model (Orbax folder + tokenizer) in init/
-rm -rf data init objects stage1 train model
-python -m vipllava_jax.synthetic --out data --train 56000 --val 200 --test 400 --objects 24000 \
-    --seed 0 --init-model init
+# 1. data: 80000 train records (each seen once; four in five a scene with the five questions,
+#    one in five a single object), 200 val / 400 test questions (marked twins), the warm-up
+#    splits of stages 1-3 (24000 single objects; 6400 more, also asked where they are; 32000
+#    marked scenes asking the marked object's colour, or in three of ten its count, and three
+#    records in ten single objects instead), a quarter of all training markers in the test
+#    split's (evaluation) style, the task's word-level tokenizer, and the random model (Orbax
+#    folder + tokenizer) in init/
+rm -rf data init objects where color train stage1 stage2 stage3 model
+python -m vipllava_jax.synthetic --out data --train 80000 --val 200 --test 400 --objects 24000 \
+    --where 6400 --color 32000 --train-objects 0.2 --color-objects 0.3 --color-count 0.3 \
+    --constant-markers 0.25 --no-aux --seed 0 --init-model init
 
 # a training run's last checkpoint -> a plain Orbax model folder with the tokenizer files
 export_run() {
     python -c 'import sys; from vipllava_jax.training.loop import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
 }
+train() {  # train CONFIG NAME: one vipllava-train run, its wall and CPU time printed
+    /usr/bin/env time -f "vipllava-train ($2): %e s wall, %U s user + %S s sys CPU" \
+        vipllava-train --config "$HERE/$1"
+}
 
-# 2. train (paths in the configs are relative to this folder); wall and CPU time are printed.
-#    Stage 1: single objects (objects.toml); stage 2: the task, from stage 1 (train.toml).
-/usr/bin/env time -f "vipllava-train (stage 1): %e s wall, %U s user + %S s sys CPU" \
-    vipllava-train --config "$HERE/objects.toml"
+# 2. train (paths in the configs are relative to this folder), four runs, each from the last:
+#    1 single objects, their shape and colour (objects.toml);
+#    2 the same, also where the object is (where.toml);
+#    3 marked scenes, the marked object's colour only (color.toml): the decoder learns to
+#      attend to the marked object;
+#    4 the task (train.toml).
+train objects.toml "stage 1, objects"
 export_run objects stage1
-/usr/bin/env time -f "vipllava-train (stage 2): %e s wall, %U s user + %S s sys CPU" \
-    vipllava-train --config "$HERE/train.toml"
+train where.toml "stage 2, where"
+export_run where stage2
+train color.toml "stage 3, color"
+export_run color stage3
+train train.toml "stage 4, the task"
 
 # 3. the last checkpoint -> the model folder
 export_run train model
