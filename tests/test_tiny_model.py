@@ -9,6 +9,7 @@ from vipllava_jax.demo import ASSETS, EMBEDDED_MODEL
 from vipllava_jax.evaluate import cut_answer, evaluate, load_questions, stop_tokens
 from vipllava_jax.processor import VipLlavaProcessor
 from vipllava_jax.prompts import build_prompt
+from vipllava_jax.synthetic import CATEGORIES
 
 TEST_SPLIT = ASSETS / "tiny_vipllava" / "test" / "test.jsonl"
 N = 64  # the first 32 marked-twin pairs, all five categories
@@ -20,48 +21,25 @@ def jax_eval():
     return summary, rows
 
 
-@pytest.mark.xfail(strict=False, reason="the shipped model does not reach the target yet: "
-                   "88.2% on the test split, 78.5% of twin pairs (it answers the questions about "
-                   "colours, see below; those about shapes 71-75%)")
 def test_shipped_model_answers_about_the_marked_object(jax_eval):
+    """The issue's targets on a slice of the held-out test split: 95% of the questions and 90%
+    of the marked-twin pairs (each scene twice, the marker on objects whose answers differ, so
+    a model that ignores the marker gets no pair right). The whole split: 98.5%, pairs
+    97.0% (make.sh's eval)."""
     summary, rows = jax_eval
     assert summary["total"] == N and len(summary["categories"]) == 5
     assert summary["accuracy"] >= 0.95, summary
     assert summary["pairs"]["total"] == N // 2 and summary["pairs"]["accuracy"] >= 0.9, summary
 
 
-def test_shipped_model_answers_the_colour_questions_about_the_marked_object(jax_eval):
-    """The questions whose answer is a colour seen at or beside the marked object (its colour,
-    the colour right of it, how many objects share its colour): what the shipped model has
-    learned, each scene's twin marking another object."""
+def test_shipped_model_answers_every_question_type(jax_eval):
+    """Each of the five question types on its own: the colour ones (its colour, the colour
+    right of it, how many objects share it) and the shape ones (its shape, the shape left of
+    it), so that a type the model has not learned is not hidden by the others' average."""
     summary, rows = jax_eval
-    colour = [r for r in rows if r["category"] in ("color", "right", "count")]
-    assert len(colour) >= N // 2
-    assert np.mean([r["correct"] for r in colour]) >= 0.9, summary["categories"]
-
-
-def test_shipped_model_finds_the_marker_in_held_out_scenes(tmp_path):
-    """"Where is the marked object?" (a training-only question) on the test split's scenes:
-    the answer is the marked object's grid column, known from the generator; each scene comes
-    twice with the marker on different objects, so a model that ignores the marker gets no pair
-    right. The shipped model (2 px marker lines since stop 14) answers 87.8% of the whole split,
-    76.5% of its pairs (90.6% / 81.3% of this slice): it says "right" for a third of the middle
-    objects, though it answers the colour questions about them (test above)."""
-    import json
-
-    from vipllava_jax.synthetic import AUX_QUESTIONS, POSITIONS, _conversation
-
-    where = tmp_path / "where.jsonl"
-    with open(TEST_SPLIT) as src, open(where, "w") as dst:
-        for line in src:
-            r = json.loads(line)
-            r["category"] = "where"
-            r["conversations"] = _conversation([(AUX_QUESTIONS["where"], POSITIONS[r["marked"]])])
-            dst.write(json.dumps(r) + "\n")
-    summary, _ = evaluate(EMBEDDED_MODEL, where, image_folder=TEST_SPLIT.parent, batch_size=32,
-                          max_new_tokens=4, limit=N)
-    assert summary["total"] == N
-    assert summary["accuracy"] >= 0.85 and summary["pairs"]["accuracy"] >= 0.75, summary
+    for category in CATEGORIES:
+        answers = [r["correct"] for r in rows if r["category"] == category]
+        assert len(answers) >= N // 10 and np.mean(answers) >= 0.8, (category, summary["categories"])
 
 
 def test_exported_model_gives_the_same_answers_in_transformers(jax_eval, tmp_path):

@@ -16,9 +16,9 @@ marker is never mistaken for an object. Splits (LLaVA-format JSONL + PNG, the fo
 `training.data` reads, plus `category`):
 
 - train: one record per scene with all five questions and two auxiliary ones (`AUX_QUESTIONS`:
-  the marker's colour, where the marked object is) as a multi-turn conversation in random
-  order (seven answers per image for the cost of one vision pass), markers in the training
-  ranges (`style="random"`).
+  the marker's colour, where the marked object is; `--no-aux`: the five only) as a multi-turn
+  conversation in random order (seven answers per image for the cost of one vision pass),
+  markers in the training ranges (`style="random"`).
 - val, test: one question per record, markers in the evaluation style (`"constant"`). Every
   scene comes twice with the same question and marker, on two different objects chosen so the
   answers differ when the scene allows it (`pair` names the scene, `twin` the other record):
@@ -29,22 +29,27 @@ a val/test scene equal to a train scene (or to one of another held-out split) is
 held-out scenes are never seen in training.
 
 - objects (`--objects N`, optional): one object alone in a random cell, marked half of the
-  time, and two questions about it (`OBJECT_QUESTIONS`: its shape, its colour); the warm-up
-  the embedded model trains on first.
+  time, and two questions about it (`OBJECT_QUESTIONS`: its shape, its colour); the embedded
+  model's first training stage (make.sh).
 - where (`--where N`, optional): the objects split's records with a third question, the
-  object's column (`OBJECT_WHERE`).
+  object's column (`OBJECT_WHERE`); its second stage.
 - color (`--color N`, optional): marked scenes (never a train or held-out one) with one
-  question, the marked object's colour: it teaches a decoder to attend to the marked object.
+  question, the marked object's colour (`--color-count F`: that fraction asks the count
+  question instead); its third stage, which teaches the decoder to attend to the marked
+  object. The fourth is the train split.
 - `--train-objects F`, `--color-objects F`: that fraction of the train / color records are
   single objects as in the objects split (they keep the tower's shape code while the rest
   trains).
-  The last three are the data of a four-stage recipe (stop 17, branch `four-stage-recipe`:
-  objects, where, color, the task) that the embedded model's make.sh does not use yet.
+- `--constant-markers F`: that fraction of the training splits' markers is drawn in the
+  evaluation style, as the val and test splits draw all of theirs (records name their
+  `marker_style`).
 - markers (`--markers N`, optional): the marker alone where an object would be, no objects,
   the two auxiliary questions: a warm-up split (the embedded model's recipe trained on it
   first while its tower had 8 px patches; with 16 px patches it needs none).
 
-    python -m vipllava_jax.synthetic --out DIR --train 56000 --val 200 --test 400 --objects 24000
+    python -m vipllava_jax.synthetic --out DIR --train 80000 --val 200 --test 400 --objects 24000 \
+        --where 6400 --color 32000 --train-objects 0.2 --color-objects 0.3 --color-count 0.3 \
+        --constant-markers 0.25 --no-aux
 
 writes DIR/{train,val,test,objects,where,color}.jsonl (and markers.jsonl with `--markers`),
 DIR/images/{split}/*.png and DIR/tokenizer/ (`make_tokenizer`).
@@ -89,9 +94,8 @@ CATEGORIES = tuple(QUESTIONS)
 # Asked in training only, two steps every question above depends on: the marker's colour
 # (needs nothing but finding the marker's pixels) and where the marked object is. Meant to pull
 # a random init off the answer-prior plateau where a model taught only the five questions
-# stays. The shipped model answers "where" on held-out scenes 88% of the time (a third of the
-# middle objects it calls "right"), the questions about colours (color, right, count) nearly
-# always, the shape questions (shape, left) three times in four.
+# stays. The embedded model's recipe no longer asks them (make.sh: `--no-aux`): its where and
+# color stages teach those two steps, and its task stage spends their tokens on more steps.
 AUX_QUESTIONS: dict[str, str] = {
     "marker": "What color is the marker?",
     "where": "Where is the marked object?",
@@ -116,7 +120,9 @@ OBJECT_WHERE = "Where is the object?"
 # The "color" split: marked scenes, one question, the marked object's colour. Of the task's
 # questions it is the one that teaches the decoder to attend to the marked object soonest
 # (stop 17: 94% after 1200 steps alone; all five questions together stay near 50% for 1500-2000
-# steps), and after it the full task takes off at once.
+# steps), and after it the full task takes off at once. A share of its scenes asks the count
+# question instead (`color_count`): without it the task stage left count at its prior ("one")
+# in two of three runs (stop 18).
 SPLITS = ("train", "val", "test", "markers", "objects", "where", "color")
 
 
@@ -478,8 +484,8 @@ def tiny_config(vocab_size: int):
     the decoder finds the marked object by content alone. Measured (stop 13, experiment.py, the
     marked task, 3000 steps, seed 0): with 16 px patches the colour questions (color, right,
     count) reach 97-99% and the whole test set 74%; with 8 px patches (the object and its marker
-    spread over a 2 x 2 block) the recipe stayed near chance (46%). make.sh's two stages (the
-    "objects" warm-up, then the task) reach 88.2% on the test split (stop 14)."""
+    spread over a 2 x 2 block) the recipe stayed near chance (46%). make.sh's four stages
+    (objects, where, color, the task) reach 98.5% on the test split (stop 18)."""
     from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
 
     return VipLlavaConfig(
