@@ -174,7 +174,7 @@ def _turns(record):
 
 
 def test_warm_up_splits_where_and_color_and_single_objects_mixed_in(tmp_path):
-    """The four-stage candidate recipe's data: "where" asks a single object's shape, colour and
+    """make.sh's stages 2-4: "where" asks a single object's shape, colour and
     column; "color" asks only the marked object's colour in marked scenes; `train_objects` and
     `color_objects` make that fraction of the train/color records single objects (the objects
     split's records)."""
@@ -222,10 +222,11 @@ def _cell_colours(pixels):
 
 
 def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(tmp_path):
-    """make.sh's data options (stop 18). `color_count` makes that share of the color split's scenes ask the count question (its
-    answer the number of cells whose object has the marked one's colour); `constant_markers`
-    draws that share of the training markers as the held-out splits do: alpha 128, so each
-    pixel under the marker is the half-way blend of the marker's colour and the scene's."""
+    """make.sh's data options (stop 18). `color_count` makes that share of the color split's
+    scenes ask the count question (its answer the number of cells whose object has the marked
+    one's colour); `constant_markers` draws that share of the training markers as the held-out
+    splits do: alpha 128, so each pixel under the marker is the half-way blend of the marker's
+    colour and the scene's; `task_aux=False` leaves the auxiliary questions out of train."""
     from vipllava_jax.visual_prompts import COLORS
 
     write_dataset(tmp_path, train=80, val=2, test=2, color=80, color_count=0.5, constant_markers=0.5,

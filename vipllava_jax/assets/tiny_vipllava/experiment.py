@@ -90,7 +90,7 @@ slower: 69% after 1500) 64.5% at 1000, 96.2% after 3000 (pairs 92.7%). The weake
 the ellipse (81-83%, the others 93-100%). A random init's objects stage
 learns shapes with seed 0 (96 / 87% after 1500 steps) but not with seed 1 (28 / 39%): that
 stage has its own luck, and make.sh's draw is a third one. make.sh with these four stages
-(branch `four-stage-recipe`; synthetic's where and color splits, `--train-objects 0.2`
+(synthetic's where and color splits, `--train-objects 0.2`
 `--color-objects 0.3`): 87.2% on the test split, pairs 78.5%, in 677 s of training: color 96,
 left 99, right 98, shape 96, and count 48 (it says "one"); with stage 4 at 4000 steps 80.8%
 (count 43, shape 74). From make.sh's stage 3, this tool's
@@ -107,7 +107,7 @@ weakest marker because the test split draws it at sqrt(2) x the box and alpha 12
 tail of the training style's 1-1.5 x and alpha 96-255; with a quarter of the training markers
 in the evaluation style (synthetic `--constant-markers 0.25`) it rose from 62-83% to 86-93%.
 Count, the question left at its prior in stop 17's runs, is learned once three in ten of the
-colour stage's scenes ask it (`--color-count 0.3`): 96-99% in the three runs below. That
+colour stage's scenes ask it (`--color-count 0.3`): 96-99% in all four runs below. That
 stage then ends higher (loss 0.24 against 0.10 after 1500 steps) and the task takes off later,
 so with stage 4 at 3000 steps: 91.5%, pairs 83.5% (shape 79, left 85). Without the two
 auxiliary questions in stage 4 (`--no-aux`, stages 2-3 taught them) a task step costs 30% less
@@ -116,10 +116,11 @@ auxiliary questions in stage 4 (`--no-aux`, stages 2-3 taught them) a task step 
 98.5%, pairs 97.0% (colour 98, count 99, left 99, right 100, shape 98; ellipse 93%, the other
 markers 98-100%). The machine ran 1.6-2 x slower this session than in stop 17 (stage 1: 172 s
 against 104 s), and that run's training took 1453 s. Two XLA CPU devices (one per core, the
-batch split between them: make.sh's `XLA_FLAGS`) make a task step 105 ms against 165 ms
-(threading each op over both cores), but in make.sh, with its loader, 169 against 186 ms; and the
-same recipe on two devices (other float rounding) drew 91.0%, pairs 82.5% (shape 75, left 84):
-the run-to-run luck is not gone. make.sh keeps one device, as the shipped 98.5% run had.
+batch split between them: `XLA_FLAGS=--xla_force_host_platform_device_count=2`) make a task
+step 105 ms against 165 ms (one device threading each op over both cores) in this tool, but in
+vipllava-train, with its loader threads, 169 against 186 ms; and the same recipe on two
+devices (other float rounding) drew 91.0%, pairs 82.5% (shape 75, left 84): the run-to-run
+luck is not gone. make.sh keeps one device, as the shipped 98.5% run had.
 
     python vipllava_jax/assets/tiny_vipllava/experiment.py --task objects --steps 1500 --save /tmp/s1
     python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --steps 3000

@@ -35,8 +35,8 @@ train() {  # train CONFIG NAME: one vipllava-train run, its wall and CPU time pr
 # 2. train (paths in the configs are relative to this folder), four runs, each from the last:
 #    1 single objects, their shape and colour (objects.toml);
 #    2 the same, also where the object is (where.toml);
-#    3 marked scenes, the marked object's colour only (color.toml): the decoder learns to
-#      attend to the marked object;
+#    3 marked scenes, one question, the marked object's colour (or, three in ten, its count;
+#      color.toml): the decoder learns to attend to the marked object;
 #    4 the task (train.toml).
 train objects.toml "stage 1, objects"
 export_run objects stage1
