@@ -24,6 +24,13 @@ def _records(folder, split):
     return [json.loads(line) for line in (folder / f"{split}.jsonl").read_text().splitlines()]
 
 
+def _object_pixels(pixels):
+    """[H, W, 3] -> [H, W] bool: the objects' visible pixels. The scene is achromatic and the
+    markers saturated, so they are the grey pixels that are not background."""
+    grey = np.all(pixels == pixels[..., :1], axis=-1)
+    return grey & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
@@ -139,8 +146,7 @@ def test_marker_only_records_show_the_marker_without_objects(tmp_path):
     for r in alone:
         pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
         coloured = (pixels.max(-1) - pixels.min(-1)) > 0  # the scene is achromatic: the marker
-        grey = ~coloured & np.any(pixels != synthetic.BACKGROUND, axis=-1)
-        assert coloured.any() and not grey.any()  # no object pixels at all
+        assert coloured.any() and not _object_pixels(pixels).any()  # no object pixels at all
         turns = {c["value"].removeprefix("<image>\n"): a["value"]
                  for c, a in zip(r["conversations"][::2], r["conversations"][1::2])}
         assert turns == {synthetic.AUX_QUESTIONS["marker"]: r["marker_color"],
@@ -161,7 +167,7 @@ def test_object_records_show_one_object_marked_half_of_the_time(tmp_path):
         assert set(turns) == set(synthetic.OBJECT_QUESTIONS.values())
         assert turns[synthetic.OBJECT_QUESTIONS["shape"]] in synthetic.SHAPES
         colour = synthetic.OBJECT_COLORS[turns[synthetic.OBJECT_QUESTIONS["color"]]]
-        grey = ~coloured & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+        grey = _object_pixels(pixels)
         assert np.all(pixels[grey] == colour)  # one object, of the answer's colour
         if "marker" not in r:  # all of it in one cell
             cols = np.flatnonzero(grey.any(0))
@@ -185,8 +191,7 @@ def test_warm_up_splits_where_and_color_and_single_objects_mixed_in(tmp_path):
         assert r["category"] == "object" and len(turns) == 3
         assert set(turns) == {*synthetic.OBJECT_QUESTIONS.values(), synthetic.OBJECT_WHERE}
         pixels = np.asarray(PIL.Image.open(tmp_path / r["image"]).convert("RGB")).astype(int)
-        grey = np.all(pixels == pixels[..., :1], axis=-1)  # achromatic: background or object
-        xs = np.nonzero(grey & np.any(pixels != synthetic.BACKGROUND, axis=-1))[1]
+        xs = np.nonzero(_object_pixels(pixels))[1]
         column = synthetic.POSITIONS.index(turns[synthetic.OBJECT_WHERE])
         assert np.all(xs // synthetic.CELL == column)  # its visible pixels, in that column
     color = _records(tmp_path, "color")
@@ -211,7 +216,7 @@ def _cell_colours(pixels):
     visible): the commonest achromatic pixel that is not background, as markers tint what
     they cover."""
     names = {v: k for k, v in synthetic.OBJECT_COLORS.items()}
-    grey = np.all(pixels == pixels[..., :1], axis=-1) & np.any(pixels != synthetic.BACKGROUND, axis=-1)
+    grey = _object_pixels(pixels)
     out = []
     rows = slice(synthetic.CELL, 2 * synthetic.CELL)  # the middle row
     for k in range(synthetic.NUM_OBJECTS):
@@ -333,8 +338,7 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records(monkeypatch):
     for image, turns, _, _ in experiment.draw_records("objects", "train", 8, 0, [], object_where=True):
         column = synthetic.POSITIONS.index(dict(turns)[synthetic.OBJECT_WHERE])
         pixels = np.asarray(image)
-        grey = np.all(pixels == pixels[..., :1], axis=-1)
-        xs = np.nonzero(grey & np.any(pixels != synthetic.BACKGROUND, axis=-1))[1]  # its visible pixels
+        xs = np.nonzero(_object_pixels(pixels))[1]  # its visible pixels
         assert len(turns) == 3 and np.all(xs // synthetic.CELL == column)
         seen += xs.size > 0
     assert seen >= 4  # (a filled mask may hide all of it)
