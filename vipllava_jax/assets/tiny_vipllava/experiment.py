@@ -122,24 +122,24 @@ vipllava-train, with its loader threads, 169 against 186 ms; and the same recipe
 devices (other float rounding) drew 91.0%, pairs 82.5% (shape 75, left 84): the run-to-run
 luck is not gone. make.sh keeps one device, as the shipped 98.5% run had.
 
-Stop 19 (make.sh runs; where a CPU step's time goes): with one XLA device, XLA allocates a
-task step's temporaries (~80 MB) in one piece from a pool thread, and glibc serves that with a
-fresh mmap each step (a thread arena holds at most 64 MB): ~20000 page faults a step, a fifth
-to a quarter of the CPU time in the kernel. MALLOC_ARENA_MAX=1 with MALLOC_MMAP_MAX_=0 ends the
+Stop 19 (make.sh runs; where a CPU step's time goes): with one XLA device, XLA allocates a task
+step's temporaries (~80 MB) in one piece from a pool thread, and glibc serves that with a fresh
+mmap each step (a thread arena holds at most 64 MB): ~20000 page faults a step, a fifth to a
+quarter of the CPU time in the kernel. MALLOC_ARENA_MAX=1 with MALLOC_MMAP_MAX_=0 ends the
 faults, but the one arena's lock makes the step slower (0.204 s against 0.185 s). Two devices
-(one per core) each allocate half: kernel time 28 s -> 3 s over 300 steps. Of the step's 4000 ops, the 245
-YNNPACK fusions took 110 of 188 ms (jax.profiler); without them
+(one per core) each allocate half: kernel time 28 s -> 3 s over 300 steps. Of the step's 4000
+ops, the 245 YNNPACK fusions took 110 of 188 ms (jax.profiler); without them
 (`--xla_cpu_experimental_ynn_fusion_type=`) a step on in-memory batches is 138 ms on one device
-and 94 ms on two, against 204 ms by default. In vipllava-train the loader shares the two
-cores, and the gain shrinks to a median stage-4 step of 0.142 s, against 0.186 s (stop 18's
-run). Stages 1-3 (68-80 tokens) gain little: 0.087 and 0.100 s against 0.095 and 0.093 s. make.sh
+and 94 ms on two, against 204 ms by default. In vipllava-train the loader shares the two cores,
+and the gain shrinks to a median stage-4 step of 0.142 s, against 0.186 s (stop 18's run).
+Stages 1 and 3 (68 tokens) gain little: 0.087 and 0.100 s against 0.095 and 0.093 s. make.sh
 now trains with both settings and 68 / 120-token rows (the longest are 66 / 119 tokens). That
-run took 1304 s of training and scored 99.0%, pairs 98.0% (colour 98, count 100, left 99,
-right 100, shape 99); it is the shipped model, and a rerun of its stage 1 gave the same 1500
-losses bit for bit. With stage 3 at 2500 steps and stage 4 at 4000 it took 1129 s and scored
-77.8%, pairs 59.5% (stage 4's loss ended at 0.19 against 0.03). Of three draws of the
-5000-step recipe (one device; two devices; two devices without YNNPACK and the shorter rows),
-two pass.
+run took 1304 s of training and scored 99.0%, pairs 98.0% (colour 98, count 100, left 99, right
+100, shape 99); it is the shipped model, and a rerun of its stage 1 gave the same 1500 losses
+bit for bit. On two devices with YNNPACK, stage 3 at 2500 steps and stage 4 at 4000, it took
+1129 s and scored 77.8%, pairs 59.5% (stage 4's loss ended at 0.19 against 0.03). Of three
+draws of the 5000-step recipe (one device; two devices; two devices without YNNPACK and the
+shorter rows), two pass.
 
     python vipllava_jax/assets/tiny_vipllava/experiment.py --task objects --steps 1500 --save /tmp/s1
     python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --steps 3000
