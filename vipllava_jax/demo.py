@@ -7,9 +7,9 @@ the middle object of the bundled scene (`assets/demo.png`), asks its colour (the
 model answers 99.0% of the task's held-out questions), prints the answer and writes the
 marked image. `--image/--box/--marker/--color/--question` take your own (the tiny model only
 knows scenes like the bundled one: three shapes, white, black or gray, in a row across the
-middle, and the five questions of the task). Markers are drawn as the task's training images have them
-(`synthetic.draw_marker`: line widths of a `synthetic.MARKER_CANVAS` px wide image, enlarged),
-whatever the image size.
+middle, and the five questions of the task). Markers are drawn as the task's training images
+have them (`synthetic.draw_marker`: line widths of a `synthetic.MARKER_CANVAS` px wide image,
+enlarged), whatever the image size.
 
 With torch installed, the same checkpoint is exported to transformers (`orbax_to_hf`) and
 transformers' PyTorch `generate` answers the same prompt: the demo prints both answers and
