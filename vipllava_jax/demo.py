@@ -4,7 +4,7 @@ The embedded model (`assets/tiny_vipllava/model`, an Orbax folder with its token
 VipLlava trained from scratch on the synthetic visual-prompt task (`vipllava_jax.synthetic`;
 `assets/tiny_vipllava/make.sh` reproduces it). By default the demo draws a red rectangle around
 the middle object of the bundled scene (`assets/demo.png`), asks its colour (the shipped
-model answers 99.0% of the task's held-out questions), prints the answer and writes the
+model answers 98.5% of the task's held-out questions), prints the answer and writes the
 marked image. `--image/--box/--marker/--color/--question` take your own (the tiny model only
 knows scenes like the bundled one: three shapes, white, black or gray, in a row across the
 middle, and the five questions of the task). Markers are drawn as the task's training images

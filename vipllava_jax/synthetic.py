@@ -485,7 +485,7 @@ def tiny_config(vocab_size: int):
     marked task, 3000 steps, seed 0): with 16 px patches the colour questions (color, right,
     count) reach 97-99% and the whole test set 74%; with 8 px patches (the object and its marker
     spread over a 2 x 2 block) the recipe stayed near chance (46%). make.sh's four stages
-    (objects, where, color, the task) reach 99.0% on the test split (stop 19)."""
+    (objects, where, color, the task) reach 98.5% on the test split (stop 20)."""
     from vipllava_jax.config import CLIPVisionConfig, TextConfig, VipLlavaConfig
 
     return VipLlavaConfig(
