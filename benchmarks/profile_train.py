@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import bench_config  # noqa: E402
-from profile_generate import op_times  # noqa: E402
+from profile_generate import op_times, print_op_times  # noqa: E402
 from train import make_batch  # noqa: E402
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
@@ -40,10 +40,11 @@ def main():
     from transformers import VipLlavaForConditionalGeneration as TorchModel
 
     torch.manual_seed(0)
+    cfg = bench_config()
     with tempfile.TemporaryDirectory() as tmp:
-        TorchModel(bench_config()).save_pretrained(tmp)
+        TorchModel(cfg).save_pretrained(tmp)
         model = VipLlavaForConditionalGeneration.from_pretrained(tmp)
-    ids, labels, mask, pixels = make_batch(args.batch, args.text_tokens)
+    ids, labels, mask, pixels = make_batch(args.batch, args.text_tokens, cfg)
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     config = TrainConfig(stage="full", remat=args.remat)
     graphdef, state, shardings = init_train_state(model, config, mesh)
@@ -57,12 +58,10 @@ def main():
         with jax.profiler.trace(trace_dir):
             state, metrics = step(state, batch)
             jax.block_until_ready((state, metrics))
-        kinds = op_times(trace_dir)
-    total = sum(kinds.values())
+        kinds, counts = op_times(trace_dir)
     print(f"batch {args.batch} x {ids.shape[1]} tokens, remat {args.remat}: "
-          f"{total / 1e3:.0f} ms in XLA ops")
-    for kind, us in kinds.most_common(args.top):
-        print(f"{us / 1e3:10.1f} ms {us / total:6.1%}  {kind}")
+          f"{sum(kinds.values()) / 1e3:.0f} ms in XLA ops ({sum(counts.values())} ops)")
+    print_op_times(kinds, counts, args.top)
 
 
 if __name__ == "__main__":
