@@ -192,3 +192,19 @@ def make_word_tokenizer(path, corpus):
     fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
     fast.save_pretrained(path)
     return fast
+
+
+def jaxpr_eqns(jaxpr, skip=()):
+    """Every equation of a jaxpr, recursing into the jaxprs in its equations' params, except
+    those of the primitives named in `skip`."""
+    import jax.extend
+
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name in skip:
+            continue
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from jaxpr_eqns(sub, skip)

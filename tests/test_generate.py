@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import IMAGE_TOKEN, make_hf_model, make_inputs
+from conftest import IMAGE_TOKEN, jaxpr_eqns, make_hf_model, make_inputs
 from vipllava_jax import VipLlavaError, VipLlavaForConditionalGeneration
 from vipllava_jax import generate as gen
 
@@ -93,7 +93,7 @@ def test_cached_logits_equal_uncached_forward(llama):
         top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(0),
     )
     graphdef, params = nnx.split(model)
-    state = gen._prefill(graphdef, params, ids, pix, mask, 8, jax.random.key(0), np.int32(0))
+    state = gen._prefill(graphdef, params, ids, pix, mask, 8, jax.random.key(0), sampling)
     forced = np.random.default_rng(1).integers(3, IMAGE_TOKEN, (2, 4))  # teacher-forced tokens
     for steps in range(4):
         seq = np.concatenate([ids, forced[:, :steps]], axis=1)
@@ -101,10 +101,38 @@ def test_cached_logits_equal_uncached_forward(llama):
         positions = np.maximum(np.cumsum(full_mask, -1) - 1, 0)
         ref = np.asarray(model(seq, pix, full_mask, position_ids=positions).logits[:, -1])
         np.testing.assert_allclose(np.asarray(state.logits), ref, atol=1e-4)
-        # force the next token: greedy picks the one-hot maximum
-        state = state.replace(logits=jax.nn.one_hot(forced[:, steps], ref.shape[-1]) * 100.0)
-        state = gen._decode(graphdef, params, state, sampling, np.int32(steps + 1))
-        np.testing.assert_array_equal(np.asarray(state.tokens[:, steps]), forced[:, steps])
+        assert int(state.step) == steps + 1
+        # overwrite the token just picked: the next decode step feeds the forced one
+        state = state.replace(tokens=state.tokens.at[:, steps].set(forced[:, steps]))
+        state = gen._decode(graphdef, params, state, sampling, np.int32(steps + 2))
+
+
+def test_decode_loop_runs_the_forward_pass_outside_any_conditional(llama):
+    """A decode step whose forward pass sat in a `lax.cond`, with the KV cache as an operand,
+    made XLA copy every layer's cache twice per step (the optimized HLO of the 7B decode loop
+    for an H200: 128 copies of 6.3 MB per token). The loop body may branch (greedy or
+    sampled pick) on small operands only."""
+    from flax import nnx
+
+    hf, model = llama
+    inputs = prompts(hf.config, batch=2, seq=15)
+    sampling = gen.SamplingParams(
+        do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
+        top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(0),
+    )
+    graphdef, params = nnx.split(model)
+    state = gen._prefill(graphdef, params, inputs["input_ids"], inputs["pixel_values"],
+                         inputs["attention_mask"], 8, jax.random.key(0), sampling)
+    closed = jax.make_jaxpr(gen._decode_impl, static_argnums=0)(graphdef, params, state, sampling, np.int32(8))
+    (loop,) = [e for e in jaxpr_eqns(closed.jaxpr) if e.primitive.name == "while"]
+    body = list(jaxpr_eqns(loop.params["body_jaxpr"].jaxpr, skip=("cond",)))  # not inside branches
+    conds = [e for e in body if e.primitive.name == "cond"]
+    assert len(conds) == 1, "the greedy/sampled pick is expected to be the one branch"
+    operands = [v.aval.shape for v in conds[0].invars]
+    assert state.cache[0][0].shape not in operands, f"the KV cache is an operand of a cond: {operands}"
+    # the forward pass is in the body itself: 7 projections per layer, then attention's 2 dots
+    n_layers = hf.config.text_config.num_hidden_layers
+    assert sum(e.primitive.name == "dot_general" for e in body) >= 9 * n_layers
 
 
 def test_sampling_is_reproducible_per_seed(llama):

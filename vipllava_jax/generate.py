@@ -2,21 +2,25 @@
 programs: the prefill, and the whole decode loop).
 
     prompt [B, T] (left-padded to a bucket) + images
-      --prefill--> KV cache [B, T + max_new, K, H] per layer, next-token logits
-      --while not all done and step < max_new--> pick a token (greedy or sampled), write it,
-        run the decoder on it alone against the cache (slot T + step), new logits
+      --prefill--> KV cache [B, T + max_new, K, H] per layer, logits, the first new token
+      --while not all done and step < max_new--> run the decoder on the last token alone
+        against the cache (slot T + step - 1), pick the next token (greedy or sampled), write it
 
-Everything that changes per call (sampling knobs, EOS ids, seed) is an array, so calls with
-the same shapes reuse the compiled programs. Prompt lengths are rounded up to a bucket for the
-same reason. The state of a generation is one dataclass (`DecodeState`), so streaming can run
-the same decode loop a few steps at a time.
+Each loop step runs exactly one forward pass, unconditionally. An earlier loop skipped the
+last token's forward pass with a `lax.cond`, which took the KV cache as an operand; for that,
+XLA's GPU compiler copied every layer's cache twice per step (at 7B: 129 copies, 806 MB per
+token; `benchmarks/gpu_hlo.py` shows a step's kernels). Everything that changes per call
+(sampling knobs, EOS ids, seed) is an array, so calls with the same shapes reuse the compiled
+programs. Prompt lengths are rounded up to a bucket for the same reason. The state of a
+generation is one dataclass (`DecodeState`), so streaming can run the same decode loop a few
+steps at a time.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -43,14 +47,14 @@ class SamplingParams:
 
 @struct.dataclass
 class DecodeState:
-    step: jax.Array  # i32 [], tokens generated so far
+    step: jax.Array  # i32 [], tokens generated so far (>= 1 after the prefill)
     tokens: jax.Array  # i32 [B, N], the new tokens (pad after EOS)
     done: jax.Array  # bool [B]
-    logits: jax.Array  # f32 [B, V], logits for the next token
-    positions: jax.Array  # i32 [B], RoPE position of the next token
+    logits: jax.Array  # f32 [B, V], the logits that picked the last token, tokens[:, step - 1]
+    positions: jax.Array  # i32 [B], RoPE position of the last token (not yet in the cache)
     kv_mask: jax.Array  # bool [B, S], cache slots holding real tokens
     cache: KVCache
-    rng: jax.Array  # PRNG key
+    rng: jax.Array  # PRNG key; new token k is drawn with fold_in(rng, k)
 
 
 def bucket_length(n: int) -> int:
@@ -90,8 +94,17 @@ def pick_tokens(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.Arr
 
 # -- the two phases ----------------------------------------------------------------------------
 
-def prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens: int, rng, pad_id) -> DecodeState:
-    """Runs the vision tower once per image and the decoder once over the whole prompt."""
+def _pick(logits, rng, step, p: SamplingParams, done):
+    """New token `step` from `logits [B, V]`: pad for rows already done; which rows now are."""
+    token = pick_tokens(logits, jax.random.fold_in(rng, step), p)
+    token = jnp.where(done, p.pad_id, token)  # [B]
+    return token, done | jnp.any(token[:, None] == p.eos_ids[None, :], axis=-1)
+
+
+def prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens: int, rng,
+            sampling: SamplingParams) -> DecodeState:
+    """Runs the vision tower once per image and the decoder once over the whole prompt, and
+    picks the first new token."""
     b, t = input_ids.shape
     lm = model.language_model
     embeds = model.embed(input_ids, pixel_values)  # [B, T, D]
@@ -101,10 +114,11 @@ def prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens: int,
     cache = lm.init_cache(b, t + max_new_tokens)
     hidden, cache = lm.extend(embeds, positions, kv_mask, cache, jnp.int32(0))
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+    token, done = _pick(logits, rng, 0, sampling, jnp.zeros((b,), bool))
+    tokens = jnp.full((b, max_new_tokens), sampling.pad_id, jnp.int32).at[:, 0].set(token)
     return DecodeState(
-        step=jnp.int32(0), tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        done=jnp.zeros((b,), bool), logits=logits, positions=positions[:, -1] + 1,
-        kv_mask=kv_mask, cache=cache, rng=rng,
+        step=jnp.int32(1), tokens=tokens, done=done, logits=logits,
+        positions=positions[:, -1] + 1, kv_mask=kv_mask, cache=cache, rng=rng,
     )
 
 
@@ -116,21 +130,15 @@ def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> Decode
         return (s.step < stop_at) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        token = pick_tokens(s.logits, jax.random.fold_in(s.rng, s.step), params)
-        token = jnp.where(s.done, params.pad_id, token)  # [B]
+        b = s.tokens.shape[0]
+        last = jax.lax.dynamic_slice(s.tokens, (0, s.step - 1), (b, 1))  # [B, 1]
+        slot = prompt_len + s.step - 1  # where the last token goes in the cache
+        kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((b, 1), bool), (0, slot))
+        embeds = model.language_model.embed_tokens(last)  # [B, 1, D]
+        hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
+        logits = model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32)
+        token, done = _pick(logits, s.rng, s.step, params, s.done)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
-        done = s.done | jnp.any(token[:, None] == params.eos_ids[None, :], axis=-1)
-        slot = prompt_len + s.step
-        kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((token.shape[0], 1), bool), (0, slot))
-
-        def forward():  # the logits for the token after this one
-            embeds = model.language_model.embed_tokens(token[:, None])  # [B, 1, D]
-            hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
-            return model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32), cache
-
-        # The last token of a generation needs no forward pass of its own.
-        more = (s.step + 1 < s.tokens.shape[1]) & ~jnp.all(done)
-        logits, cache = jax.lax.cond(more, forward, lambda: (s.logits, s.cache))
         return s.replace(step=s.step + 1, tokens=tokens, done=done, logits=logits,
                          positions=s.positions + 1, kv_mask=kv_mask, cache=cache)
 
@@ -141,9 +149,9 @@ def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> Decode
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
-             pad_id):
+             sampling):
     return prefill(nnx.merge(graphdef, params_state), input_ids, pixel_values, attention_mask,
-                   max_new_tokens, rng, pad_id)
+                   max_new_tokens, rng, sampling)
 
 
 def _decode_impl(graphdef, params_state, state, sampling, stop_at):
@@ -180,7 +188,7 @@ def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask
     """Prefill, then decode to the end: the new tokens `[B, max_new_tokens]` (device arrays
     in, no input checks or bucketing; `generate` does those)."""
     state = _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
-                     rng, sampling.pad_id)
+                     rng, sampling)
     return _decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
 
 
@@ -276,7 +284,7 @@ def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
             chunk: int = 1) -> Iterator[np.ndarray]:
     """Prefill, then the same decode loop `chunk` steps per call (the state is donated)."""
     graphdef, params = nnx.split(model)
-    state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling.pad_id)
+    state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling)
     emitted = 0
     while emitted < max_new_tokens:
         stop = np.int32(min(emitted + chunk, max_new_tokens))
