@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import jaxpr_eqns
 from test_ved_parity import PAD, START, VOCAB, hf_veds, images  # noqa: F401 (fixture)
 
 from vipllava_jax.errors import VipLlavaError
@@ -101,3 +102,38 @@ def test_bad_generate_arguments(gpt2):
         ours.generate(px, decoder_start_token_id=VOCAB)
     with pytest.raises(VipLlavaError, match="early_stopping"):
         ours.generate(px, num_beams=2, early_stopping="sometimes")
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
+    """As VipLlava's decode loop (tests/test_generate.py): a cond holding the self-attention
+    cache made XLA copy it at every step; only the greedy/sampled pick may branch."""
+    import jax
+
+    from vipllava_jax.generate import SamplingParams
+    from vipllava_jax.ved import generate as vg
+
+    _, ours, px, _ = gpt2
+    if beams == 1:
+        sampling = SamplingParams(
+            do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
+            top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(PAD))
+
+        def run():
+            return vg.greedy_or_sample(ours, px, MAX_NEW, 0, START, sampling, jax.random.key(0))
+    else:
+        params = vg.BeamParams(denom=jax.numpy.ones(MAX_NEW + 1), early_true=jax.numpy.bool_(False),
+                               use_max_len=jax.numpy.bool_(False))  # arrays, as the jitted call gets
+
+        def run():
+            return vg.beam_search(ours, px, MAX_NEW, beams, 1, 0, START, PAD, np.full(8, -1, np.int32), params)
+    closed = jax.make_jaxpr(run)()
+    (loop,) = [e for e in jaxpr_eqns(closed.jaxpr) if e.primitive.name == "while"]
+    cache_shapes = {v.aval.shape for v in loop.invars if v.aval.ndim == 4}  # the self-attention cache
+    assert cache_shapes
+    body = list(jaxpr_eqns(loop.params["body_jaxpr"].jaxpr, skip=("cond",)))
+    conds = [e for e in body if e.primitive.name == "cond"]
+    assert len(conds) == (1 if beams == 1 else 0)
+    for eqn in conds:
+        assert not cache_shapes & {v.aval.shape for v in eqn.invars}, "the cache is an operand of a cond"
+    assert any(e.primitive.name == "dot_general" for e in body)

@@ -114,22 +114,25 @@ def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sa
     length = 1 + max_new
     cross_kv, logits, cache = _start(model, pixel_values, b, length, start_id)
     tokens = jnp.full((b, length), sampling.pad_id, jnp.int32).at[:, 0].set(start_id)
-    state = GreedyState(step=jnp.int32(0), tokens=tokens, done=jnp.zeros((b,), bool), logits=logits,
-                        cache=cache)
 
-    def body(s: GreedyState) -> GreedyState:
+    def pick(s: GreedyState) -> GreedyState:
+        """The next token from `s.logits`, written after the `1 + s.step` tokens so far."""
         cur_len = 1 + s.step
         scores = ban_repeated_ngrams(s.logits, s.tokens, cur_len, ngram)
         token = pick_tokens(scores, jax.random.fold_in(rng, s.step), sampling)
         token = jnp.where(s.done, sampling.pad_id, token)  # [B]
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, cur_len))
-        done = s.done | _is_eos(token, sampling.eos_ids)
-        more = (s.step + 1 < max_new) & ~jnp.all(done)  # the last token needs no forward pass
-        logits, cache = jax.lax.cond(
-            more, lambda: _step_forward(model, cross_kv, token, s.cache, cur_len), lambda: (s.logits, s.cache)
-        )
-        return s.replace(step=s.step + 1, tokens=tokens, done=done, logits=logits, cache=cache)
+        return s.replace(step=s.step + 1, tokens=tokens, done=s.done | _is_eos(token, sampling.eos_ids))
 
+    def body(s: GreedyState) -> GreedyState:
+        # One forward pass per step, for the last token (at index s.step), outside any cond:
+        # a cond holding the cache made XLA copy it every step (see vipllava_jax.generate).
+        last = jax.lax.dynamic_index_in_dim(s.tokens, s.step, axis=1, keepdims=False)
+        logits, cache = _step_forward(model, cross_kv, last, s.cache, s.step)
+        return pick(s.replace(logits=logits, cache=cache))
+
+    state = pick(GreedyState(step=jnp.int32(0), tokens=tokens, done=jnp.zeros((b,), bool), logits=logits,
+                             cache=cache))
     return jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done), body, state)
 
 
@@ -155,7 +158,8 @@ def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, n
         logits=logits, cache=cache,
     )
 
-    def body(s: BeamState) -> BeamState:
+    def select(s: BeamState) -> BeamState:
+        """Beam bookkeeping for the next token from `s.logits`; the cache follows the parents."""
         cur_len = 1 + s.step
         vocab = s.logits.shape[-1]
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)  # [B*K, V]
@@ -190,19 +194,20 @@ def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, n
         worst_finished = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), NEG)
         improvable = s.improvable & jnp.any(best_possible > worst_finished, axis=-1, keepdims=True)
         go_on = jnp.any(improvable) & ~(jnp.all(finished) & params.early_true) & ~jnp.all(hits)
-        # 5. reorder the cache to the parents, feed the new tokens
+        # 5. reorder the cache to the parents (the loop body then feeds the new tokens)
         rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
         cache = jax.tree.map(lambda c: c[rows], s.cache)
-        more = go_on & (s.step + 1 < max_new)
-        logits, cache = jax.lax.cond(
-            more, lambda: _step_forward(model, cross_kv, running[:, :, cur_len].reshape(-1), cache, cur_len),
-            lambda: (s.logits, cache),
-        )
         return BeamState(step=s.step + 1, running=running, running_scores=running_scores, sequences=sequences,
                          scores=scores, finished=finished, lengths=lengths, improvable=improvable, go_on=go_on,
-                         logits=logits, cache=cache)
+                         logits=s.logits, cache=cache)
 
-    return jax.lax.while_loop(lambda s: s.go_on & (s.step < max_new), body, state)
+    def body(s: BeamState) -> BeamState:
+        # one forward pass per step, for the tokens just chosen (at index s.step), as greedy's
+        last = jax.lax.dynamic_index_in_dim(s.running, s.step, axis=2, keepdims=False).reshape(-1)
+        logits, cache = _step_forward(model, cross_kv, last, s.cache, s.step)
+        return select(s.replace(logits=logits, cache=cache))
+
+    return jax.lax.while_loop(lambda s: s.go_on & (s.step < max_new), body, select(state))
 
 
 # -- compiled entry points ---------------------------------------------------------------------
