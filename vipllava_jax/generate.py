@@ -2,7 +2,7 @@
 programs: the prefill, and the whole decode loop).
 
     prompt [B, T] (left-padded to a bucket) + images
-      --prefill--> KV cache [B, T + max_new, K, H] per layer, logits, the first new token
+      --prefill--> KV cache [B*K, T + max_new, H] per layer, logits, the first new token
       --while not all done and step < max_new--> run the decoder on the last token alone
         against the cache (slot T + step - 1), pick the next token (greedy or sampled), write it
 

@@ -13,7 +13,8 @@ from flax import nnx
 
 from vipllava_jax.config import TextConfig
 from vipllava_jax.layers import (
-    DType, RMSNorm, activation, apply_rope, attention, cached_attention, linear, rope_cos_sin,
+    DType, RMSNorm, activation, apply_rope, attention, cache_update, cached_attention, linear,
+    rope_cos_sin,
 )
 from vipllava_jax.sharding import constrain
 
@@ -21,7 +22,8 @@ from vipllava_jax.sharding import constrain
 # hidden dimension whole (the `embed` rule shards parameters, not activations).
 RESIDUAL = ("batch", "seq", None)
 
-# One (keys, values) pair per layer, each [B, K, S, H] (heads-major), S = the cache length.
+# One (keys, values) pair per layer, each [B*K, S, H]: row b*K + k holds batch row b's KV
+# head k (see layers.cached_attention), S = the cache length.
 KVCache = tuple[tuple[jax.Array, jax.Array], ...]
 
 
@@ -62,7 +64,7 @@ class LlamaAttention(nnx.Module):
         self.o_proj = linear(self.num_heads * h, d, ("heads", "embed"), **kw)
 
     def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        """x `[B, T, D]`; with `kv` (cache `[B, K, S, H]` x 2), this chunk's keys and values
+        """x `[B, T, D]`; with `kv` (cache `[B*K, S, H]` x 2), this chunk's keys and values
         are written at slot `index` and attention runs over the whole cache."""
         b, t, _ = x.shape
         scale = self.head_dim**-0.5
@@ -73,11 +75,7 @@ class LlamaAttention(nnx.Module):
         if kv is None:
             out = attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
         else:
-            at = (0, 0, index, 0)
-            kv = tuple(
-                jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), at)
-                for c, new in zip(kv, (k, v))
-            )  # [B, K, S, H] each
+            kv = tuple(cache_update(c, new, index) for c, new in zip(kv, (k, v)))
             out = cached_attention(q, *kv, mask=mask, scale=scale)  # [B, T, N, H]
         return self.o_proj(out.reshape(b, t, -1)), kv
 
@@ -144,7 +142,7 @@ class LlamaModel(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         cfg = self.config
-        shape = (batch, cfg.num_key_value_heads, length, cfg.head_dim)
+        shape = (batch * cfg.num_key_value_heads, length, cfg.head_dim)
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers)
 
     def extend(
@@ -157,7 +155,7 @@ class LlamaModel(nnx.Module):
         Returns the chunk's final hidden states and the updated cache.
         """
         b, t, _ = inputs_embeds.shape
-        s = cache[0][0].shape[2]
+        s = cache[0][0].shape[1]
         q_slots = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         k_slots = jnp.broadcast_to(jnp.arange(s), (b, s))
         mask = decoder_mask(kv_mask, q_slots, k_slots, self.config.sliding_window)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vipllava_jax.layers import attention, cached_attention
+from vipllava_jax.layers import attention, cache_update, cached_attention
 from vipllava_jax.llama import KVCache, decoder_mask
 
 # One (keys, values) pair per layer, each [B_img, S_enc, N, H].
@@ -36,15 +36,11 @@ def causal_mask(attention_mask: jax.Array, index, length: int, cache_len: int | 
 
 
 def self_attention(q, k, v, mask, scale, kv=None, index=None):
-    """q/k/v `[B, T, N, H]` -> `[B, T, N, H]`; with `kv` (cache `[B, N, S, H]` x 2), this
+    """q/k/v `[B, T, N, H]` -> `[B, T, N, H]`; with `kv` (cache `[B*N, S, H]` x 2), this
     chunk's keys and values are written at slot `index` first. Returns (out, kv)."""
     if kv is None:
         return attention(q, k, v, mask=mask, scale=scale), None
-    at = (0, 0, index, 0)
-    kv = tuple(
-        jax.lax.dynamic_update_slice(c, new.transpose(0, 2, 1, 3).astype(c.dtype), at)
-        for c, new in zip(kv, (k, v))
-    )  # [B, N, S, H] each
+    kv = tuple(cache_update(c, new, index) for c, new in zip(kv, (k, v)))
     return cached_attention(q, *kv, mask=mask, scale=scale), kv
 
 

@@ -162,7 +162,7 @@ class BertLMHeadModel(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         cfg = self.config
-        shape = (batch, cfg.num_attention_heads, length, cfg.head_dim)
+        shape = (batch * cfg.num_attention_heads, length, cfg.head_dim)  # see layers.cached_attention
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.bert.encoder.layer)
 
     def __call__(self, input_ids, cross_kv: CrossKV, attention_mask=None, cache: KVCache | None = None,
@@ -172,7 +172,7 @@ class BertLMHeadModel(nnx.Module):
         x = self.bert.embeddings(input_ids, index + jnp.arange(t))  # [B, T, D]
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
-        mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[2])
+        mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[1])
         new_cache = []
         for i, layer in enumerate(self.bert.encoder.layer):
             x, kv = layer(x, *cross_kv[i], mask, None if cache is None else cache[i], index)

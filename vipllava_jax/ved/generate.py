@@ -1,7 +1,7 @@
 """Captioning: greedy, sampled or beam-search decoding, one compiled program per shape.
 
     pixel_values [B, C, H, W] --encoder, once--> CrossKV (each layer's cross-attention k/v)
-    start token [B*K, 1] --decoder--> self-attention KV cache [B*K, N, 1 + max_new, H], logits
+    start token [B*K, 1] --decoder--> self-attention KV cache [B*K*N, 1 + max_new, H], logits
     --lax.while_loop--> pick the next token(s), write them, run the decoder on them alone
       against the cache; stop when every row is done (or, for beams, cannot improve)
 
@@ -196,7 +196,7 @@ def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, n
         go_on = jnp.any(improvable) & ~(jnp.all(finished) & params.early_true) & ~jnp.all(hits)
         # 5. reorder the cache to the parents (the loop body then feeds the new tokens)
         rows = (jnp.arange(b)[:, None] * k + parent).reshape(-1)  # [B*K]
-        cache = jax.tree.map(lambda c: c[rows], s.cache)
+        cache = jax.tree.map(lambda c: c.reshape(b * k, -1, *c.shape[1:])[rows].reshape(c.shape), s.cache)
         return BeamState(step=s.step + 1, running=running, running_scores=running_scores, sequences=sequences,
                          scores=scores, finished=finished, lengths=lengths, improvable=improvable, go_on=go_on,
                          logits=s.logits, cache=cache)

@@ -118,7 +118,7 @@ class GPT2LMHeadModel(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         cfg = self.config
-        shape = (batch, cfg.num_attention_heads, length, cfg.head_dim)
+        shape = (batch * cfg.num_attention_heads, length, cfg.head_dim)  # see layers.cached_attention
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.transformer.h)
 
     def __call__(self, input_ids, cross_kv: CrossKV, attention_mask=None, cache: KVCache | None = None,
@@ -134,7 +134,7 @@ class GPT2LMHeadModel(nnx.Module):
         x = t_model.wte(input_ids) + t_model.wpe(positions)[None]  # [B, T, D]
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
-        mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[2])
+        mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[1])
         new_cache = []
         for i, block in enumerate(t_model.h):
             x, kv = block(x, *cross_kv[i], mask, None if cache is None else cache[i], index)
