@@ -165,8 +165,8 @@ def cached_attention(
     every decode step. A `[B, K, S, H]` cache needs its (B, K) axes merged for the matmuls, and
     for that reshape XLA:CPU computed the K-cache update twice and copied the cache four times
     per step: batch-1 decode of benchmarks/generate.py's model ran at 50.8 tokens/s against
-    68.1, medians of 6 runs.) Same
-    semantics as `attention` (float32 softmax, zeros for a query that sees no key).
+    68.1, medians of 6 runs.) Same semantics as `attention` (float32 softmax, zeros for a query
+    that sees no key).
     """
     b, t, n, h = q.shape
     rows, s, _ = k.shape

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx, struct
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.generate import SamplingParams, _eos_array, pick_tokens
+from vipllava_jax.generate import SamplingParams, _eos_array, _pick
 from vipllava_jax.llama import KVCache
 
 NEG = -1.0e9  # transformers' "never pick this" score offset
@@ -119,10 +119,9 @@ def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sa
         """The next token from `s.logits`, written after the `1 + s.step` tokens so far."""
         cur_len = 1 + s.step
         scores = ban_repeated_ngrams(s.logits, s.tokens, cur_len, ngram)
-        token = pick_tokens(scores, jax.random.fold_in(rng, s.step), sampling)
-        token = jnp.where(s.done, sampling.pad_id, token)  # [B]
+        token, done = _pick(scores, rng, s.step, sampling, s.done)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, cur_len))
-        return s.replace(step=s.step + 1, tokens=tokens, done=s.done | _is_eos(token, sampling.eos_ids))
+        return s.replace(step=s.step + 1, tokens=tokens, done=done)
 
     def body(s: GreedyState) -> GreedyState:
         # One forward pass per step, for the last token (at index s.step), outside any cond:
