@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipllava_jax.config import CLIPVisionConfig
-from vipllava_jax.layers import DType, LayerNorm, activation, attention, linear
+from vipllava_jax.layers import DType, KeyLengths, LayerNorm, activation, attention, linear
 from vipllava_jax.sharding import constrain
 
 
@@ -56,11 +56,11 @@ class CLIPAttention(nnx.Module):
         self.v_proj = linear(d, d, ("embed", "heads"), **kw)
         self.out_proj = linear(d, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: KeyLengths | None = None) -> jax.Array:
         b, t, _ = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = attention(q, k, v, mask=None, scale=self.head_dim**-0.5)  # [B, T, N, H]
+        out = attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)  # [B, T, N, H]
         return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -85,8 +85,8 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, **norm)
         self.mlp = CLIPMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def __call__(self, x: jax.Array, mask: KeyLengths | None = None) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x), mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -103,6 +103,8 @@ class CLIPVisionModel(nnx.Module):
 
     def __init__(self, cfg: CLIPVisionConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.config = cfg
+        self.dtype = dtype
+        self.attention_kernel = None  # a fused attention kernel (layers.use_attention_kernel)
         norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.embeddings = CLIPEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, **norm)
@@ -120,7 +122,9 @@ class CLIPVisionModel(nnx.Module):
         wanted = [i % (n + 1) for i in layers]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x}
+        kernel = self.attention_kernel
+        mask = None if kernel is None else KeyLengths(None, implementation=kernel)  # no padding
         for i in range(max(wanted)):
-            x = constrain(self.encoder.layers[i](x), ("batch", "seq", None))
+            x = constrain(self.encoder.layers[i](x, mask), ("batch", "seq", None))
             states[i + 1] = x
         return [states[i] for i in wanted]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 DType = jnp.dtype | type | str
 
@@ -129,21 +129,68 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
+@struct.dataclass
+class KeyLengths:
+    """An attention mask as a fused kernel takes it: row b's real keys are its first
+    `lengths[b]` (right padding), plus causal and sliding-window limits.
+
+    For a right-padded batch it admits exactly the keys of `llama.decoder_mask`, without a
+    `[B, 1, T, S]` array. (A padding query that sees no key, possible with a sliding window,
+    gets the kernel's output instead of zeros; no real token reads it.) `attention`
+    hands it to `jax.nn.dot_product_attention` with `implementation`: "cudnn" (cuDNN's flash
+    attention, GPUs, bf16/fp16) or "xla" (the same call compiled by XLA, for CPU tests).
+    """
+
+    lengths: jax.Array | None  # [B] int32; None: every key is real
+    causal: bool = struct.field(pytree_node=False, default=False)
+    sliding_window: int | None = struct.field(pytree_node=False, default=None)
+    implementation: str = struct.field(pytree_node=False, default="cudnn")
+
+
+# Fused-kernel choices for `use_attention_kernel`: None is the dense-mask path.
+ATTENTION_KERNELS = (None, "cudnn", "xla")
+
+
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | KeyLengths | None, scale: float
 ) -> jax.Array:
     """Softmax attention, q `[B, T, N, H]`, k/v `[B, S, K, H]` (K divides N: GQA).
 
-    mask: bool `[B, 1, T, S]` (True = may attend) or None. A query that may attend no key
-    (a left-padding row) outputs zeros, as torch's scaled_dot_product_attention does; this
-    keeps padded rows, and a loss that reads them, equal to transformers'.
+    mask: bool `[B, 1, T, S]` (True = may attend), None, or `KeyLengths` (a fused kernel).
+    With a boolean mask, a query that may attend no key (a left-padding row) outputs zeros,
+    as torch's scaled_dot_product_attention does; this keeps padded rows, and a loss that
+    reads them, equal to transformers'.
     """
+    if isinstance(mask, KeyLengths):
+        window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=mask.causal, key_value_seq_lengths=mask.lengths,
+            local_window_size=window, implementation=mask.implementation)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
     if mask is None:
         return out
     sees_any = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B, T, 1, 1]
     return jnp.where(sees_any, out, 0).astype(out.dtype)
 
+
+def attention_stacks(model: nnx.Module) -> list[nnx.Module]:
+    """The modules of `model` whose no-cache forward has a fused-attention path (those with an
+    `attention_kernel` attribute: the Llama decoder, the CLIP tower)."""
+    return [m for _, m in nnx.iter_modules(model) if hasattr(m, "attention_kernel")]
+
+
+def use_attention_kernel(model: nnx.Module, kernel: str | None) -> list[nnx.Module]:
+    """Points every `attention_stacks(model)` at `kernel` (`ATTENTION_KERNELS`); returns them.
+
+    A fused kernel needs right-padded batches (`KeyLengths`), which the training loaders
+    produce; generate's cached forward keeps its dense masks (it pads on the left).
+    """
+    if kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+    stacks = attention_stacks(model)
+    for m in stacks:
+        m.attention_kernel = kernel
+    return stacks
 
 
 def cache_update(cache: jax.Array, new: jax.Array, index) -> jax.Array:

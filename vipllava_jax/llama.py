@@ -13,8 +13,8 @@ from flax import nnx
 
 from vipllava_jax.config import TextConfig
 from vipllava_jax.layers import (
-    DType, RMSNorm, activation, apply_rope, attention, cache_update, cached_attention, linear,
-    rope_cos_sin,
+    DType, KeyLengths, RMSNorm, activation, apply_rope, attention, cache_update, cached_attention,
+    linear, rope_cos_sin,
 )
 from vipllava_jax.sharding import constrain
 
@@ -115,6 +115,7 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
+        self.attention_kernel = None  # fused kernel of the no-cache forward (use_attention_kernel)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
@@ -131,8 +132,13 @@ class LlamaModel(nnx.Module):
     ) -> jax.Array:
         """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`."""
         b, t, _ = inputs_embeds.shape
-        slots = jnp.broadcast_to(jnp.arange(t), (b, t))
-        mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
+        if self.attention_kernel is None:
+            slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+            mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
+        else:  # the same keys for a right-padded batch, as a fused kernel takes them
+            mask = KeyLengths(jnp.sum(attention_mask, axis=-1, dtype=jnp.int32), causal=True,
+                              sliding_window=self.config.sliding_window,
+                              implementation=self.attention_kernel)
         cos, sin = self._rope(position_ids)
         x = inputs_embeds
         for layer in self.layers:

@@ -40,6 +40,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vipllava_jax import layers
 from vipllava_jax.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
 from vipllava_jax.training import lora
@@ -60,6 +61,9 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
+
+# TrainConfig.attention choices (see `_use_attention`).
+ATTENTION = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +87,13 @@ class TrainConfig:
         alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
         in the backward pass (`REMAT_POLICIES`).
+      attention: the kernel of the decoder's and vision tower's attention. "xla": XLA's
+        softmax(QK^T)V from a dense mask, which materialises every layer's [B, N, T, T]
+        scores; "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute; the
+        batch must be right-padded, as the training loaders make it); "auto": "cudnn" where
+        the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, else "xla". The ~1B train
+        step compiled for an H200 (benchmarks/gpu_hlo.py --program train) needs at least
+        153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with "cudnn".
       lr_multipliers: {top-level submodule: factor}: that submodule's updates (learning rate
         and weight decay alike) times the factor, e.g. `{"vision_tower": 0.1}` (LLaVA-NeXT's
         separate vision tower learning rate). Names must be trained by the stage.
@@ -99,6 +110,7 @@ class TrainConfig:
     grad_accum: int = 1
     stage: str = "full"
     remat: str = "none"
+    attention: str = "auto"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = lora.TARGETS
@@ -116,6 +128,8 @@ class TrainConfig:
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.grad_accum < 1:
@@ -267,6 +281,27 @@ def _remat_decoder_layers(model: nnx.Module, remat: str) -> None:
         setattr(owner, name, nnx.List([_Remat(layer, REMAT_POLICIES[remat]) for layer in layers]))
 
 
+def _use_attention(model: nnx.Module, attention: str, platform: str) -> None:
+    """Points the attention of `model` (a throwaway copy merged inside the trace, like
+    `_remat_decoder_layers`) at the kernel that `TrainConfig.attention` names on `platform`."""
+    stacks = layers.attention_stacks(model)
+    half = [jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16) for m in stacks]
+    if attention == "cudnn":
+        if platform != "cuda":
+            raise ValueError(f"attention='cudnn' runs on NVIDIA GPUs; this mesh is on "
+                             f"{platform!r} (use attention='auto' or 'xla')")
+        if not stacks:
+            raise ValueError(f"{type(model).__name__} has no fused attention path; use "
+                             f"attention='xla'")
+        if not all(half):
+            raise ValueError(f"cuDNN's fused attention computes in bfloat16 or float16; this "
+                             f"model computes in {jnp.dtype(stacks[0].dtype).name} (set the "
+                             f"compute dtype to bfloat16, or use attention='xla')")
+    fused = attention != "xla" and platform == "cuda"
+    for m, is_half in zip(stacks, half):
+        m.attention_kernel = "cudnn" if fused and is_half else None
+
+
 def _micro_batches(batch: Batch, grad_accum: int) -> Batch:
     """`[B, ...]` -> `[A, B/A, ...]`, micro-batch j taking rows j, j+A, j+2A, ...
 
@@ -296,6 +331,7 @@ def loss_and_grads(
     *,
     grad_accum: int = 1,
     remat: str = "none",
+    attention: str | None = None,
     mesh: Mesh | None = None,
     param_shardings: Params | None = None,
 ) -> tuple[jax.Array, Params, jax.Array]:
@@ -307,14 +343,23 @@ def loss_and_grads(
       grad_accum: run the batch as this many micro-batches (`lax.scan`): same result,
         1/grad_accum of the activation memory.
       remat: a `REMAT_POLICIES` name.
+      attention: a `TrainConfig.attention` choice ("auto" and "cudnn" read the platform of
+        `mesh`, or of the default backend without one); None: the model's attention as it is
+        (dense masks unless `layers.use_attention_kernel` set a kernel).
       mesh, param_shardings: if given, micro-batches stay sharded over the data axes and the
         gradient accumulator like the params (sharding constraints; the values are unchanged).
     Returns:
       (loss, grads, tokens): float32 scalars and a tree like `params`.
     """
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    nvidia = device.platform == "gpu" and "NVIDIA" in device.device_kind
+    platform = "cuda" if nvidia else device.platform
+
     def summed_loss(params, mb):
         model = nnx.merge(graphdef, params, frozen)
         _remat_decoder_layers(model, remat)
+        if attention is not None:
+            _use_attention(model, attention, platform)
         return model.loss_terms(mb)  # (summed NLL, counted tokens)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
@@ -376,7 +421,8 @@ def make_train_step(
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # activations: `constrain`
             loss, grads, tokens = loss_and_grads(
                 graphdef, state.params, state.frozen, batch, grad_accum=config.grad_accum,
-                remat=config.remat, mesh=mesh, param_shardings=shardings.params,
+                remat=config.remat, attention=config.attention, mesh=mesh,
+                param_shardings=shardings.params,
             )
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

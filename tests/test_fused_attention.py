@@ -1,0 +1,135 @@
+"""The fused-attention path of training (`TrainConfig.attention`): a right-padded batch given to
+the kernel as key lengths (`layers.KeyLengths`) attends to exactly the keys of the dense mask,
+and the model on that path gives transformers' logits, loss and gradients.
+
+cuDNN's kernel itself needs a GPU; here the same `jax.nn.dot_product_attention` call runs with
+implementation="xla" (kernel "xla"), which checks everything this project passes to it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_model, make_inputs, tiny_config
+from vipllava_jax import VipLlavaForConditionalGeneration
+from vipllava_jax.checkpoint import flatten
+from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
+from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.layers import KeyLengths, attention, attention_stacks, use_attention_kernel
+from vipllava_jax.llama import decoder_mask
+from vipllava_jax.training import (
+    TrainConfig, init_train_state, loss_and_grads, make_train_step, mesh_from_spec, shard_batch,
+)
+from vipllava_jax.training.step import _use_attention
+
+
+def right_padded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows of a left-padded batch with their padding moved to the end."""
+    out = {k: v.copy() for k, v in inputs.items()}
+    for b, pad in enumerate((inputs["attention_mask"] == 0).sum(axis=1)):
+        for name in ("input_ids", "attention_mask", "labels"):
+            out[name][b] = np.roll(inputs[name][b], -pad)
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_key_lengths_admit_the_keys_of_the_dense_mask(window):
+    b, t, n, kv, h = 3, 7, 4, 2, 8
+    q, k, v = (jax.random.normal(jax.random.key(i), (b, t, heads, h))
+               for i, heads in enumerate((n, kv, kv)))
+    lengths = np.array([7, 4, 1])
+    real = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)  # right padding
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = decoder_mask(jnp.asarray(real), slots, slots, window)
+    dense = attention(q, k, v, mask, 0.3)
+    fused = attention(q, k, v, KeyLengths(jnp.asarray(lengths, jnp.int32), causal=True,
+                                          sliding_window=window, implementation="xla"), 0.3)
+    # every query that sees a key, padding rows included (with a window, a padding query can
+    # see none: the dense path gives zeros there, the kernel anything; no real token reads it)
+    sees = np.asarray(mask).any(axis=-1)[:, 0]  # [B, T]
+    assert sees.size - sees.sum() == (0 if window is None else 5)
+    np.testing.assert_allclose(np.asarray(fused)[sees], np.asarray(dense)[sees], atol=1e-6)
+    # the vision tower's form: no padding, not causal
+    np.testing.assert_allclose(attention(q, k, v, KeyLengths(None, implementation="xla"), 0.3),
+                               attention(q, k, v, None, 0.3), atol=1e-6)
+
+
+@pytest.mark.parametrize("text_model", ["llama", "mistral"])
+def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_model, monkeypatch):
+    kw = dict(text_model="mistral", sliding_window=6) if text_model == "mistral" else {}
+    hf = make_hf_model(vision_layers=2, feature_layers=(-1, 0), **kw)
+    hf.save_pretrained(tmp_path)
+    inputs = right_padded(make_inputs(hf.config, batch=4, seq=20, left_pad=(0, 3, 1, 5)))
+    hf.zero_grad()
+    out = hf(**{k: torch.tensor(v) for k, v in inputs.items()})
+    out.loss.backward()
+    torch_grads = {canonical_key(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
+
+    model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert len(use_attention_kernel(model, "xla")) == 2  # the decoder and the vision tower
+    batch = {k: jnp.asarray(v) for k, v in inputs.items()}
+    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    real = inputs["attention_mask"] == 1
+    np.testing.assert_allclose(np.asarray(logits)[real], out.logits.detach().numpy()[real], atol=1e-4)
+
+    calls = []  # (is_causal, key lengths given) of each attention call traced
+    dpa = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: (
+        calls.append((kw.get("is_causal"), kw.get("key_value_seq_lengths") is not None)), dpa(*a, **kw))[1])
+    mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
+    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps "xla"
+    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
+    loss, grads, _ = fn(state.params, state.frozen, batch)
+    assert set(calls) == {(True, True), (False, False)}  # decoder, vision tower: fused forms
+    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
+    for name, grad in flatten(grads).items():
+        key, leaf = hf_key_for(name, grad.ndim)
+        want = leaf.to_jax(torch_grads[key].numpy())
+        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6 * np.abs(want).max(),
+                                   err_msg=name)
+
+
+def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts():
+    config = VipLlavaConfig.from_hf_dict(tiny_config(vision_layers=1, feature_layers=(-1,)).to_dict())
+
+    def fresh(dtype):
+        return VipLlavaForConditionalGeneration.abstract(config, dtype=dtype)
+
+    def kernels(model):
+        return [m.attention_kernel for m in attention_stacks(model)]
+
+    bf16, fp32 = fresh("bfloat16"), fresh("float32")
+    for attention_choice, platform, model, want in [
+        ("auto", "cuda", bf16, ["cudnn", "cudnn"]),
+        ("cudnn", "cuda", bf16, ["cudnn", "cudnn"]),
+        ("xla", "cuda", bf16, [None, None]),
+        ("auto", "cpu", bf16, [None, None]),
+        ("auto", "rocm", bf16, [None, None]),
+        ("auto", "cuda", fp32, [None, None]),  # cuDNN's kernel takes bf16/fp16 only
+    ]:
+        _use_attention(model, attention_choice, platform)
+        assert kernels(model) == want, (attention_choice, platform)
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs"):
+        _use_attention(bf16, "cudnn", "cpu")
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        _use_attention(fp32, "cudnn", "cuda")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        TrainConfig(attention="flash")
+
+
+def test_cudnn_on_a_cpu_mesh_fails_before_compiling(tiny_hf):
+    hf, path = tiny_hf
+    model = VipLlavaForConditionalGeneration.from_pretrained(path)
+    config = TrainConfig(attention="cudnn")
+    mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
+    graphdef, state, shardings = init_train_state(model, config, mesh)
+    step = make_train_step(graphdef, config, mesh, shardings)
+    inputs = right_padded(make_inputs(hf.config))
+    batch = shard_batch({k: v.astype(np.float32 if k == "pixel_values" else np.int32)
+                         for k, v in inputs.items()}, mesh)
+    with pytest.raises(ValueError, match="attention='cudnn' runs on NVIDIA GPUs; this mesh is on 'cpu'"):
+        step(state, batch)
