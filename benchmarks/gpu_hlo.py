@@ -1,18 +1,29 @@
-"""What XLA's GPU compiler makes of generate's decode loop, on a machine without a GPU.
+"""What XLA's GPU compiler makes of generate's decode loop and of the train step, without a GPU.
 
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"  # no GPU needed
     python benchmarks/gpu_hlo.py [--model 7b] [--spec benchmarks/specs/h200.txtpb] [--dump FILE]
+    python benchmarks/gpu_hlo.py --program train [--model 1b] [--attention xla]
 
-Compiles the decode program (`vipllava_jax.generate._decode`: the whole `lax.while_loop`) of a
-random-shaped model in bf16 at batch 1 for the card described by `--spec` (XLA's deviceless
-compilation: a text-proto device description instead of a device), on abstract weights, so even
-the 7B shape compiles in seconds on a laptop. Then reads the optimized HLO and prints, per decode
-step, the instructions that run: fusions (kernels), library calls, copies (with the bytes they
-move) and conditionals (with what each branch runs). That is what a step costs besides reading
-the weights, the part of #3's bandwidth target that a CPU-only session can check.
+Compiles a program of a random-shaped model in bf16 for the card described by `--spec` (XLA's
+deviceless compilation: a text-proto device description instead of a device), on abstract
+weights, so even the 7B shape compiles in seconds on a laptop:
 
-What it cannot show: autotuning (without a device XLA takes default GEMM configs), the command
-buffers XLA builds from the thunks after the HLO, and times. A lent GPU measures those
+    decode  `vipllava_jax.generate._decode`, the whole `lax.while_loop`, batch `--batch` (1)
+    train   `training.make_train_step` as benchmarks/train.py runs it on a GPU: stage "full",
+            fp32 master weights, batch 8 x (1 + 576 image + 447 text) tokens for "1b"
+
+Then reads the optimized HLO and prints the instructions that run (per decode step, or per
+train step): fusions (kernels), library calls, copies (with the bytes they move) and
+conditionals (with what each branch runs), and a roofline of them: each kernel takes at least
+max(its FLOPs / the data-sheet bf16 peak, the bytes of its operands and results / the HBM
+bandwidth), summed by kind. That lower bound on the step time is what XLA's program leaves
+for the kernels to reach, the part of #3's bandwidth and #4's MFU targets that a CPU-only
+session can check: for train it gives the MFU ceiling (model FLOPs / bound / peak).
+
+What it cannot show: autotuning (without a device XLA takes default GEMM configs; for train,
+Triton GEMMs are switched off, since the default tiling fails on a fused transpose in the vision
+tower, so every matmul is a cuBLAS call), the command buffers XLA builds from the thunks after
+the HLO, how close each kernel gets to its bound, and times. A lent GPU measures those
 (benchmarks/gpu.sh). The spec is a subset of XLA's xla/backends/gpu/target_config/specs files
 (fields that jaxlib's proto knows), with the H200's memory size and bandwidth.
 """
@@ -37,12 +48,21 @@ from jax.experimental import topologies  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from generate import SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
+from generate import DATASHEET, SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
+
+import optax  # noqa: E402
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax import generate as gen  # noqa: E402
 from vipllava_jax.config import VipLlavaConfig  # noqa: E402
+from vipllava_jax.sharding import state_shardings  # noqa: E402
+from vipllava_jax.training import TrainConfig, make_train_step, mesh_from_spec  # noqa: E402
+from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
+from vipllava_jax.training.mesh import data_sharding, replicated  # noqa: E402
+from vipllava_jax.training.step import TrainState, make_optimizer, trainable_filter  # noqa: E402
 
+NVLINK = 450e9  # bytes/s each way between H100/H200 SXM cards (NVLink 4: 900 GB/s both ways)
+COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")
 # HLO instructions that launch nothing: structure, views and control flow
 NO_KERNEL = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while",
              "conditional", "call", "after-all", "partition-id", "replica-id"}
@@ -50,11 +70,20 @@ BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "
          "u64": 8, "f64": 8}
 
 
+def target_devices(spec: str, count: int = 1):
+    """`count` compile-only devices (one host) of the card `spec` (a device-description text
+    proto) describes."""
+    return topologies.get_topology_desc(platform="cuda", topology=f"1x1x{count}",
+                                        target_config=Path(spec).read_text()).devices
+
+
+def target_device(spec: str):
+    return target_devices(spec)[0]
+
+
 def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
     """The optimized HLO text of the decode loop, compiled for the card in `spec`."""
-    topo = topologies.get_topology_desc(platform="cuda", topology="1x1x1",
-                                        target_config=Path(spec).read_text())
-    device = topo.devices[0]
+    device = target_device(spec)
     on_device = jax.sharding.SingleDeviceSharding(device)
 
     def abstract(x):
@@ -83,6 +112,50 @@ def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
     return compiled.as_text()
 
 
+def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, config: TrainConfig,
+                  mesh_spec: str = "data=1"):
+    """(optimized HLO text, model FLOPs) of one train step, compiled for the card in `spec`:
+    benchmarks/train.py's step (bf16 compute, fp32 master weights and AdamW state) on a mesh
+    of such cards (`mesh_spec`, no -1), with every array abstract."""
+    count = math.prod(int(size) for _, size in (a.split("=") for a in mesh_spec.split(",")))
+    mesh = mesh_from_spec(mesh_spec, target_devices(spec, count))
+    cfg = VipLlavaConfig.from_hf_dict(bench_config(model_name).to_dict())
+    model = VipLlavaForConditionalGeneration.abstract(cfg, dtype="bfloat16", param_dtype="float32")
+    graphdef, params, frozen = nnx.split(model, trainable_filter(model, config.stage), ...)
+
+    def placed(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            tree, shardings)
+
+    param_sh = nnx.to_pure_dict(state_shardings(params, mesh))
+    frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh))
+    params, frozen = placed(nnx.to_pure_dict(params), param_sh), placed(nnx.to_pure_dict(frozen), frozen_sh)
+    opt = make_optimizer(config)
+    opt_state = jax.eval_shape(opt.init, params)
+    opt_sh = optax.tree_map_params(opt, lambda _, s: s, opt_state, param_sh,
+                                   transform_non_params=lambda _: replicated(mesh))
+    shardings = TrainState(step=replicated(mesh), params=param_sh, frozen=frozen_sh, opt_state=opt_sh)
+    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
+    state = TrainState(step, params, frozen, placed(opt_state, opt_sh))
+    t = 1 + image_tokens(cfg) + text_tokens
+    size = cfg.vision_config.image_size
+    rows = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=data_sharding(mesh))
+    data = {"input_ids": rows, "labels": rows, "attention_mask": rows, "pixel_values":
+            jax.ShapeDtypeStruct((batch, 3, size, size), jnp.float32, sharding=data_sharding(mesh))}
+    text = cfg.text_config
+    flops = batch * t * train_flops_per_token(
+        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=t)
+    begin = time.perf_counter()
+    compiled = make_train_step(graphdef, config, mesh, shardings).lower(state, data).compile()
+    memory = compiled.memory_analysis()
+    print(f"{mesh.devices.flat[0].device_kind} x {mesh.size} ({mesh_spec}): {model_name} train "
+          f"step, batch {batch} x {t} tokens, "
+          f"bf16 compute, attention {config.attention}, remat {config.remat}, compiled in "
+          f"{time.perf_counter() - begin:.1f} s; {flops / 1e12:.1f} model TFLOP per step; "
+          f"{memory.temp_size_in_bytes / 1e9:.1f} GB of temporaries")
+    return compiled.as_text(), flops
+
+
 def computations(hlo: str) -> dict[str, list[str]]:
     """Computation name -> its instruction lines."""
     comps, current = {}, None
@@ -106,6 +179,102 @@ def parse(line: str) -> tuple[str, str]:
 def nbytes(shape: str) -> int:
     return sum(BYTES.get(t, 4) * math.prod(int(n) for n in d.split(",") if n)
                for t, d in re.findall(r"(\w+)\[([\d,]*)\]", shape))
+
+
+def dims(shape: str) -> list[int]:
+    """The dimensions of a (first) array shape, e.g. bf16[8,1024]{1,0} -> [8, 1024]."""
+    return [int(n) for n in re.search(r"\[([\d,]*)\]", shape).group(1).split(",") if n]
+
+
+def shape_table(hlo: str) -> dict[str, str]:
+    """Instruction name -> its shape, over every computation."""
+    return {m.group(1): m.group(2) for m in re.finditer(
+        r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) [\w\-]+\(", hlo, re.M)}
+
+
+def operands(line: str) -> list[str]:
+    m = re.search(r" [\w\-]+\(([^)]*)\)", line.split(" = ", 1)[1])
+    return [a.strip().lstrip("%") for a in m.group(1).split(",") if a.strip()] if m else []
+
+
+def cost(line: str, comps: dict[str, list[str]], shapes: dict[str, str]) -> tuple[float, float]:
+    """(FLOPs, HBM bytes) of one kernel: its matmuls' FLOPs (cuBLAS calls, dots inside Triton
+    fusions, cuDNN attention) and the bytes of its operands and results (for an in-place
+    dynamic-update-slice fusion, of the update only; cuBLAS workspaces left out)."""
+    shape, op = parse(line)
+    args = operands(line)
+    out = nbytes(re.sub(r"s8\[\d+\]\{0\}", "", shape))
+    moved = out + sum(nbytes(shapes.get(a, "")) for a in args)
+    flops = 0.0
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    if target and "gemm_backend_config" in line:
+        contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line).group(1)
+        lhs = dims(shapes[args[0]])
+        k = math.prod(lhs[int(i.strip('"'))] for i in contracting.split(",") if i)
+        flops = 2 * math.prod(dims(shape)) * k
+    elif target and "fmha" in target.group(1):  # q [B, T, N, H] against k [B, S, K, H]
+        b, t, n, h = dims(shapes[args[0]])
+        s = dims(shapes[args[1]])[1]
+        flops = 4 * b * n * t * s * h * (0.5 if "CAUSAL" in line else 1)
+        flops *= 2.5 if "Backward" in target.group(1) else 1  # dQ, dK, dV and P again
+    elif op == "fusion":
+        called = comps.get(re.search(r"calls=%?([\w.\-]+)", line).group(1), [])
+        for inner in called:
+            if parse(inner)[1] == "dot":
+                contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inner).group(1)
+                lhs = dims(shapes[operands(inner)[0]])
+                k = math.prod(lhs[int(i)] for i in contracting.split(",") if i)
+                flops += 2 * math.prod(dims(parse(inner)[0])) * k
+        if called and "dynamic-update-slice(" in called[-1]:
+            moved = 2 * (moved - out - max(nbytes(shapes.get(a, "")) for a in args))
+    return flops, moved
+
+
+def roofline(comps, name: str, shapes, peak: float, bandwidth: float, model_flops=None,
+             devices: int = 1) -> float:
+    """Prints the lower bound on the time of one run of computation `name` on each device
+    (each kernel: max(FLOPs / peak, bytes / bandwidth); a collective: its bytes / NVLINK, once,
+    at its start), by kernel kind, and the memory-bound kernels' share by the jax operation
+    they came from. `model_flops` are the whole step's, over `devices`. Returns the bound in
+    seconds."""
+    by_kind = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+    by_source = collections.Counter()
+    for line in comps[name]:
+        shape, op = parse(line)
+        if op in NO_KERNEL:
+            continue
+        flops, moved = cost(line, comps, shapes)
+        seconds = max(flops / peak, moved / bandwidth)
+        if COLLECTIVE.match(op):
+            seconds = 0.0 if op.endswith("-done") else nbytes(shape) / NVLINK
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        kind = target.group(1) if target else op
+        if op == "fusion":
+            kind = "gemm fusion" if flops else "fusion " + re.search(r"kind=(\w+)", line).group(1)
+        elif target and flops and "fmha" not in kind:  # cuBLAS: by input -> output type
+            kind = "gemm {}->{}".format(shapes[operands(line)[0]].split("[")[0],
+                                        shape.strip("(").split("[")[0])
+        row = by_kind[kind]
+        row[0] += 1
+        row[1] += flops
+        row[2] += moved
+        row[3] += seconds
+        if not flops:
+            source = re.search(r'op_name="([^"]*)"', line)
+            source = source.group(1).split(";")[0] if source else "(no jax op)"
+            by_source[re.sub(r"jit\([\w]+\)/", "", source)] += seconds
+    total = sum(row[3] for row in by_kind.values())
+    print(f"roofline ({peak / 1e12:.0f} TFLOP/s, {bandwidth / 1e12:.1f} TB/s): {total * 1e3:.2f} ms")
+    print(f"  {'kernel kind':30}{'count':>7}{'TFLOP':>9}{'GB':>9}{'ms':>9}")
+    for kind, (n, flops, moved, seconds) in sorted(by_kind.items(), key=lambda kv: -kv[1][3]):
+        print(f"  {kind:30}{n:7}{flops / 1e12:9.2f}{moved / 1e9:9.1f}{seconds * 1e3:9.2f}")
+    print("  memory-bound kernels by jax operation (ms):")
+    for source, seconds in by_source.most_common(8):
+        print(f"    {seconds * 1e3:7.2f}  {source}")
+    if model_flops:
+        print(f"MFU ceiling: {model_flops / total / peak / devices:.1%} ({model_flops / 1e12:.1f} "
+              f"model TFLOP on {devices} device(s) in {total * 1e3:.1f} ms)")
+    return total
 
 
 def report(comps: dict[str, list[str]], name: str, indent: str = "") -> None:
@@ -136,14 +305,27 @@ def report(comps: dict[str, list[str]], name: str, indent: str = "") -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", choices=sorted(SHAPES), default="7b")
+    p.add_argument("--program", choices=["decode", "train"], default="decode")
+    p.add_argument("--model", choices=sorted(SHAPES), help="default: 7b (decode), 1b (train)")
     p.add_argument("--spec", default=str(HERE / "specs" / "h200.txtpb"))
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, help="default: 1 (decode), 8 (train)")
+    p.add_argument("--new-tokens", type=int, default=128, help="decode")
+    p.add_argument("--text-tokens", type=int, default=447, help="train")
+    p.add_argument("--attention", default="auto", help="train: TrainConfig.attention")
+    p.add_argument("--remat", default="none", help="train: TrainConfig.remat")
+    p.add_argument("--mesh", default="data=1", help="train: a mesh spec of this many cards")
     p.add_argument("--dump", help="also write the optimized HLO to this file")
     args = p.parse_args()
+    if args.program == "train":  # before XLA reads its flags (see the docstring)
+        os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+    model_flops = None
     try:
-        hlo = compile_decode(args.model, args.spec, args.batch, args.new_tokens)
+        if args.program == "decode":
+            hlo = compile_decode(args.model or "7b", args.spec, args.batch or 1, args.new_tokens)
+        else:
+            config = TrainConfig(stage="full", attention=args.attention, remat=args.remat)
+            hlo, model_flops = compile_train(args.model or "1b", args.spec, args.batch or 8,
+                                             args.text_tokens, config, args.mesh)
     except (NotImplementedError, RuntimeError) as e:
         sys.exit(f"no CUDA compiler here ({e}); install jax's CUDA plugin, see the docstring")
     if args.dump:
@@ -151,6 +333,15 @@ def main():
     comps = computations(hlo)
     entry = re.search(r"^ENTRY %?([\w.\-]+) ", hlo, re.M).group(1)
     report(comps, entry)
+    peak, bandwidth = next(v for k, v in DATASHEET.items() if k in target_device(args.spec).device_kind)
+    shapes = shape_table(hlo)
+    if args.program == "decode":
+        body = re.search(r"body=%?([\w.\-]+)", "\n".join(comps[entry])).group(1)
+        print("one decode step (the loop body):")
+        roofline(comps, body, shapes, peak, bandwidth)
+    else:
+        devices = math.prod(int(a.split("=")[1]) for a in args.mesh.split(","))
+        roofline(comps, entry, shapes, peak, bandwidth, model_flops, devices)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,8 @@ On a GPU (JAX only, random init):
 "1b" is CLIP ViT-L/14 at 336 px (576 image tokens, frozen) + a TinyLlama-sized decoder (2048
 wide x 22 layers, MLP 5632); `--dtype bfloat16` computes in bf16 with fp32 master weights and
 optimizer state. MFU is then also printed against the card's data-sheet bf16 peak.
-`--attention cudnn` swaps the decoder's attention for cuDNN's fused causal kernel (valid
-here because the benchmark batch has no padding): what a fused kernel would add.
+`--attention` is `TrainConfig.attention`: "auto" (the default: cuDNN's fused flash attention
+on a GPU, XLA's elsewhere), "xla" or "cudnn".
 """
 
 from __future__ import annotations
@@ -68,21 +68,10 @@ def make_batch(batch: int, text_tokens: int, config, seed: int = 0):
     return ids, labels, np.ones_like(ids), pixels
 
 
-def use_cudnn_attention():
-    """The decoder's training attention -> cuDNN's fused causal kernel (no padding mask)."""
-    from vipllava_jax import llama
-
-    def causal(q, k, v, mask, scale):
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                            implementation="cudnn")
-
-    llama.attention = causal
-
-
-def bench_jax(model, data, repeat, bench_cfg, remat="none"):
+def bench_jax(model, data, repeat, bench_cfg, remat="none", attention="auto"):
     ids, labels, mask, pixels = data
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
-    config = TrainConfig(stage="full", remat=remat)
+    config = TrainConfig(stage="full", remat=remat, attention=attention)
     graphdef, state, shardings = init_train_state(model, config, mesh)
     del model
     step = make_train_step(graphdef, config, mesh, shardings)
@@ -146,11 +135,9 @@ def main():
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none, dots or full")
-    p.add_argument("--attention", choices=["default", "cudnn"], default="default")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
     p.add_argument("--no-torch", action="store_true", help="JAX only (random init, no reference)")
     args = p.parse_args()
-    if args.attention == "cudnn":
-        use_cudnn_attention()
     cfg = bench_config(args.model)
     data = make_batch(args.batch, args.text_tokens, cfg)
     tokens = data[0].shape[1]
@@ -169,7 +156,8 @@ def main():
             ref.save_pretrained(tmp)
             model = VipLlavaForConditionalGeneration.from_pretrained(
                 tmp, dtype=args.dtype, param_dtype="float32")
-    jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(model, data, args.repeat, cfg, args.remat)
+    jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(
+        model, data, args.repeat, cfg, args.remat, args.attention)
     tt, tl = bench_torch(ref, data, args.repeat) if ref is not None else (None, None)
     n_tok = args.batch * tokens
 
