@@ -120,9 +120,7 @@ def machine_roofline(dtype="float32"):
 def bench_jax(model, batch, new_tokens, config=None):
     ids, pixels, mask = prompt(batch, config)
     graphdef, params = nnx.split(model)
-    sampling = gen.SamplingParams(
-        do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
-        top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(0))
+    sampling = gen.SamplingParams.create()  # greedy, never stopping early
     rng = jax.random.key(0)
     args = (jnp.asarray(ids, jnp.int32), jnp.asarray(pixels), jnp.asarray(mask, jnp.int32))
 

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import torch
 from flax import nnx
 
@@ -86,9 +85,7 @@ def main():
             model = VipLlavaForConditionalGeneration.from_pretrained(tmp, dtype=args.dtype)
     ids, pixels, mask = prompt(args.batch, config)
     graphdef, params = nnx.split(model)
-    sampling = gen.SamplingParams(
-        do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
-        top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(0))
+    sampling = gen.SamplingParams.create()  # greedy, never stopping early
     inputs = (jnp.asarray(ids, jnp.int32), jnp.asarray(pixels), jnp.asarray(mask, jnp.int32))
 
     def run():

@@ -29,14 +29,6 @@ def llama(tmp_path_factory):
     return load_pair(tmp_path_factory.mktemp("llama"))
 
 
-def greedy_never_stopping() -> gen.SamplingParams:
-    """Greedy picks, no EOS id (every row runs to the end), pad 0."""
-    return gen.SamplingParams(
-        do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
-        top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(0),
-    )
-
-
 def prompts(config, **kw):
     inputs = make_inputs(config, **kw)
     inputs.pop("labels")
@@ -96,7 +88,7 @@ def test_cached_logits_equal_uncached_forward(llama):
     hf, model = llama
     inputs = prompts(hf.config, batch=2, seq=15, left_pad=(0, 3))
     ids, pix, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
-    sampling = greedy_never_stopping()
+    sampling = gen.SamplingParams.create()  # greedy, no EOS: every row runs to the end
     graphdef, params = nnx.split(model)
     state = gen._prefill(graphdef, params, ids, pix, mask, 8, jax.random.key(0), sampling)
     forced = np.random.default_rng(1).integers(3, IMAGE_TOKEN, (2, 4))  # teacher-forced tokens
@@ -121,7 +113,7 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(llama):
 
     hf, model = llama
     inputs = prompts(hf.config, batch=2, seq=15)
-    sampling = greedy_never_stopping()
+    sampling = gen.SamplingParams.create()  # greedy, no EOS: every row runs to the end
     graphdef, params = nnx.split(model)
     state = gen._prefill(graphdef, params, inputs["input_ids"], inputs["pixel_values"],
                          inputs["attention_mask"], 8, jax.random.key(0), sampling)

@@ -115,9 +115,7 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
 
     _, ours, px, _ = gpt2
     if beams == 1:
-        sampling = SamplingParams(
-            do_sample=np.bool_(False), temperature=np.float32(1), top_k=np.int32(0),
-            top_p=np.float32(1), eos_ids=np.full(8, -1, np.int32), pad_id=np.int32(PAD))
+        sampling = SamplingParams.create(pad_id=PAD)
 
         def run():
             return vg.greedy_or_sample(ours, px, MAX_NEW, 0, START, sampling, jax.random.key(0))

@@ -44,6 +44,16 @@ class SamplingParams:
     eos_ids: jax.Array  # i32 [E] (-1 entries never match)
     pad_id: jax.Array  # i32 []
 
+    @classmethod
+    def create(cls, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = 0,
+               top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+               pad_id: int = 0) -> SamplingParams:
+        """From Python values, as numpy scalars (unchecked; `generate` checks its arguments).
+        The defaults pick greedily and never stop early (no EOS id)."""
+        return cls(do_sample=np.bool_(do_sample), temperature=np.float32(temperature),
+                   top_k=np.int32(top_k or 0), top_p=np.float32(top_p),
+                   eos_ids=_eos_array(eos_token_id, None), pad_id=np.int32(pad_id))
+
 
 @struct.dataclass
 class DecodeState:
@@ -228,12 +238,9 @@ def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_
     pad = bucket - t
     ids_b = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id).astype(np.int32)
     mask_b = np.pad(mask, ((0, 0), (pad, 0)))
-    sampling = SamplingParams(
-        do_sample=np.bool_(do_sample), temperature=np.float32(temperature),
-        top_k=np.int32(top_k or 0), top_p=np.float32(top_p),
-        eos_ids=_eos_array(eos_token_id, model.config.text_config.eos_token_id),
-        pad_id=np.int32(pad_token_id),
-    )
+    eos = model.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    sampling = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, eos_token_id=eos, pad_id=pad_token_id)
     pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     batch_sharding = _batch_sharding(model, b)
     ids_b, mask_b = (jax.device_put(x, batch_sharding) for x in (ids_b, mask_b))

@@ -275,10 +275,8 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
     graphdef, state = nnx.split(model)
     ngram = int(no_repeat_ngram_size or 0)
     if num_beams == 1:
-        sampling = SamplingParams(
-            do_sample=np.bool_(do_sample), temperature=np.float32(temperature), top_k=np.int32(top_k or 0),
-            top_p=np.float32(top_p), eos_ids=eos, pad_id=np.int32(pad),
-        )
+        sampling = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                         top_p=top_p, eos_token_id=real_eos, pad_id=pad)
         tokens, steps = _greedy(graphdef, state, pixels, max_new_tokens, ngram, np.int32(start), sampling,
                                 jax.random.key(seed))
         return np.asarray(tokens)[:, : 1 + int(steps)]
