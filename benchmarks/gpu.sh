@@ -5,7 +5,7 @@
 #   1. train: one step of the ~1B-shaped model, bf16 compute, MFU against the data-sheet peak
 #      (benchmarks/train.py --model 1b; #4's target is 50%), never measured yet; attention
 #      "auto", i.e. cuDNN's fused kernel (the deviceless compile, gpu_hlo.py --program train,
-#      puts the MFU ceiling at 81%, against 45% with XLA's attention);
+#      puts the MFU ceiling at 76%, against 42% with XLA's attention);
 #   2. generate: the 7B-shaped random VipLlava in bf16, batch 1, decode tokens/s against the
 #      HBM-bandwidth limit (benchmarks/generate.py --model 7b; #3's target is 85%, stop 11: 63%);
 #   3. the same decode with the while loop and its conditional inside XLA's command buffers

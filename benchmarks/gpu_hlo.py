@@ -142,9 +142,7 @@ def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, conf
     rows = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=data_sharding(mesh))
     data = {"input_ids": rows, "labels": rows, "attention_mask": rows, "pixel_values":
             jax.ShapeDtypeStruct((batch, 3, size, size), jnp.float32, sharding=data_sharding(mesh))}
-    text = cfg.text_config
-    flops = batch * t * train_flops_per_token(
-        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=t)
+    flops = batch * t * train_flops_per_token(state, cfg, seq_len=t)
     begin = time.perf_counter()
     compiled = make_train_step(graphdef, config, mesh, shardings).lower(state, data).compile()
     memory = compiled.memory_analysis()

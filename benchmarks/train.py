@@ -15,8 +15,8 @@ Stage "full": the projector, the decoder and lm_head are trained, the vision tow
 Prints seconds per step (min of --repeat after one warm-up step), tokens/s, the JAX / PyTorch
 ratio, and the fraction of this machine's matmul peak (jitted 2048x2048 fp32 matmul, measured
 in this run) reached by each, counting model FLOPs per step as vipllava-train does for its MFU
-(`training.loop.train_flops_per_token`: 6 per trainable weight, 2 per frozen vision weight,
-attention 12 x layers x tokens x width, per token), next to XLA's own count of the step.
+(`training.loop.train_flops_per_token`: 6 per trained weight and token, 2 per frozen vision
+weight and image token, plus attention, causal in the decoder), next to XLA's own count.
 All JAX steps run before the torch ones, not in turn: on a 2-core CPU the first JAX step after
 a torch step took 9.3 s against 6.2 s (also after a 2 s pause), so alternating them would
 charge JAX for what torch's step leaves behind.
@@ -68,10 +68,11 @@ def make_batch(batch: int, text_tokens: int, config, seed: int = 0):
     return ids, labels, np.ones_like(ids), pixels
 
 
-def bench_jax(model, data, repeat, bench_cfg, remat="none", attention="auto"):
+def bench_jax(model, data, repeat, remat="none", attention="auto"):
     ids, labels, mask, pixels = data
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     config = TrainConfig(stage="full", remat=remat, attention=attention)
+    model_config = model.config
     graphdef, state, shardings = init_train_state(model, config, mesh)
     del model
     step = make_train_step(graphdef, config, mesh, shardings)
@@ -79,9 +80,7 @@ def bench_jax(model, data, repeat, bench_cfg, remat="none", attention="auto"):
                          "attention_mask": mask.astype(np.int32), "pixel_values": pixels}, mesh)
     n_train = sum(x.size for x in jax.tree.leaves(state.params))
     n_frozen = sum(x.size for x in jax.tree.leaves(state.frozen))
-    text = bench_cfg.text_config
-    flops = ids.size * train_flops_per_token(
-        state, num_layers=text.num_hidden_layers, hidden=text.hidden_size, seq_len=ids.shape[1])
+    flops = ids.size * train_flops_per_token(state, model_config, seq_len=ids.shape[1])
     t = time.perf_counter()
     step = step.lower(state, batch).compile()  # compiled once: timed here, then run below
     compile_s = time.perf_counter() - t
@@ -157,7 +156,7 @@ def main():
             model = VipLlavaForConditionalGeneration.from_pretrained(
                 tmp, dtype=args.dtype, param_dtype="float32")
     jt, jc, jl, n_train, n_frozen, flops, xla_flops = bench_jax(
-        model, data, args.repeat, cfg, args.remat, args.attention)
+        model, data, args.repeat, args.remat, args.attention)
     tt, tl = bench_torch(ref, data, args.repeat) if ref is not None else (None, None)
     n_tok = args.batch * tokens
 

@@ -150,7 +150,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     if cfg.batch_size % hosts:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
     loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
-    num_layers, hidden = _decoder_shape(model.config)
+    model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     del model
     step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
@@ -160,7 +160,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
         state, data_state = _restore(manager, start, state, shardings)
         loader.load_state_dict(_host_data_state(data_state))
     start = start or 0
-    flops_per_token = train_flops_per_token(state, num_layers=num_layers, hidden=hidden, seq_len=cfg.max_length)
+    flops_per_token = train_flops_per_token(state, model_config, seq_len=cfg.max_length)
     peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0])
     if peak is None and primary:
         tqdm.write(f"MFU not estimated: no peak TFLOP/s known for {jax.devices()[0].device_kind!r} "
@@ -283,27 +283,53 @@ def _is_lookup(path: str) -> bool:
     return any(f"'{name}" in path for name in _LOOKUPS)
 
 
-def _is_vision(path: str) -> bool:
-    return path.startswith(("['vision_tower']", "['encoder']"))
+def _image_side(model_config) -> tuple[dict[str, int], int, object]:
+    """({top-level part: tokens it runs on per row}, patches per image, the tower's config)
+    for the parts that see a row's image (one per training row) instead of its text, the
+    tower first: VipLlava's (CLS + patches) and projector (patches); VED's encoder and
+    projection (the encoder's tokens)."""
+    if isinstance(model_config, VisionEncoderDecoderConfig):
+        enc = model_config.encoder
+        patches = (enc.image_size // enc.patch_size) ** 2
+        return {"encoder": enc.seq_len, "enc_to_dec_proj": enc.seq_len}, patches, enc
+    vision = model_config.vision_config
+    n = vision.num_patches
+    return {"vision_tower": n + 1, "multi_modal_projector": n}, n, vision
 
 
-def train_flops_per_token(state: TrainState, *, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Model FLOPs of one training step per sequence position (PaLM's estimate, adapted).
+def train_flops_per_token(state: TrainState, model_config, *, seq_len: int) -> float:
+    """Model FLOPs of one training step per sequence position (PaLM's estimate, adapted): the
+    matmuls an ideal implementation runs, the same for every kernel choice.
 
-    A weight matmul costs 2 FLOPs per parameter forward, 2 more for the input gradient and 2
-    for the weight gradient: 6 per trainable parameter, 4 per frozen decoder or projector
-    parameter (gradients still flow through it to what is trained), 2 per frozen vision-tower
-    (or VED encoder) parameter (forward only; counted per position, which image tokens
-    roughly equal). Attention scores and values add 12 * layers * seq_len * hidden. Embedding
-    tables are lookups, not matmuls, and are left out (so is a tied output head's matmul).
+    Per weight matrix entry and per token it runs on, a matmul costs 2 FLOPs forward, 2 more
+    for the input gradient and 2 for the weight gradient: 6 for a trained weight, 4 for a
+    frozen one that gradients pass through (a frozen decoder), 2 for a frozen vision tower or
+    VED encoder and projection (forward only). The tower and the projector run on the image's
+    tokens (the patch embedding on its patches), the rest on every position. Attention adds
+    4 T S D per layer forward (x3 with its backward where trained), halved where causal: the
+    decoder's is 6 L T D per position (PaLM counts 12, the full square), a VED decoder's
+    cross-attention 12 L S D (S encoder tokens). Embedding tables are lookups and norms and
+    biases no matmuls: left out, as is a tied output head's matmul (so are vision layers past
+    the deepest feature layer: all are counted).
     """
-    def count(tree, keep=lambda path: True) -> int:
-        return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(tree)
-                   if not _is_lookup(jax.tree_util.keystr(path)) and keep(jax.tree_util.keystr(path)))
-
-    vision = count(state.frozen, _is_vision)
-    frozen_rest = count(state.frozen) - vision
-    return 6 * count(state.params) + 4 * frozen_rest + 2 * vision + 12 * num_layers * seq_len * hidden
+    image_side, patches, vision = _image_side(model_config)
+    tower = next(iter(image_side))
+    layers, width = _decoder_shape(model_config)
+    per_row = 6 * layers * seq_len**2 * width  # causal self-attention, forward and backward
+    if isinstance(model_config, VisionEncoderDecoderConfig):
+        per_row += 12 * layers * seq_len * image_side["encoder"] * width  # cross-attention
+    tower_trained = False
+    for trained, tree in ((True, state.params), (False, state.frozen)):
+        for path, x in jax.tree_util.tree_leaves_with_path(tree):
+            key, part = jax.tree_util.keystr(path), str(path[0].key)
+            if x.ndim < 2 or _is_lookup(key) or "'pooler'" in key:  # ViT's pooler never runs
+                continue
+            tokens = patches if "patch_embedding" in key else image_side.get(part, seq_len)
+            per_row += (6 if trained else 2 if part in image_side else 4) * x.size * tokens
+            tower_trained |= trained and part == tower
+    tokens = image_side[tower]  # the tower's own attention, not causal
+    per_row += (3 if tower_trained else 1) * 4 * vision.num_hidden_layers * tokens**2 * vision.hidden_size
+    return per_row / seq_len
 
 
 def _data_state(loader: TrainDataLoader) -> dict[str, Any]:
