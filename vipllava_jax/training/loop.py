@@ -308,9 +308,9 @@ def train_flops_per_token(state: TrainState, model_config, *, seq_len: int) -> f
     tokens (the patch embedding on its patches), the rest on every position. Attention adds
     4 T S D per layer forward (x3 with its backward where trained), halved where causal: the
     decoder's is 6 L T D per position (PaLM counts 12, the full square), a VED decoder's
-    cross-attention 12 L S D (S encoder tokens). Embedding tables are lookups and norms and
-    biases no matmuls: left out, as is a tied output head's matmul (so are vision layers past
-    the deepest feature layer: all are counted).
+    cross-attention 12 L S D (S encoder tokens). Left out: embedding tables (lookups), norms
+    and biases (no matmuls), and a tied output head's matmul. Every vision layer is counted,
+    also any past the deepest feature layer, which does not run.
     """
     image_side, patches, vision = _image_side(model_config)
     tower = next(iter(image_side))
