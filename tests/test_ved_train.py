@@ -83,6 +83,32 @@ def test_caption_loader_makes_eos_terminated_labels(workspace, tmp_path, workers
     assert (loader.stats["skipped_bad_image"], loader.stats["skipped_malformed"], loader.stats["skipped_bad_json"]) == (1, 1, 1)
 
 
+@pytest.mark.parametrize("stage", ["decoder", "all"])
+def test_model_flops_estimate_counts_the_matmuls_of_a_step(workspace, stage):
+    """As for VipLlava (test_train_step): the estimate against the traced step's matmuls, here
+    with a tied head, cross-attention keys and values on the encoder's tokens, a projection
+    straight off the frozen encoder (no input gradient) and, in stage "all", a trained encoder."""
+    from test_train_step import matmul_flops
+
+    from vipllava_jax.training import loss_and_grads
+    from vipllava_jax.training.loop import train_flops_per_token
+
+    _, root = workspace
+    model = VisionEncoderDecoderModel.from_pretrained(root / "model")
+    config = model.config
+    graphdef, state, _ = init_train_state(model, TrainConfig(stage=stage),
+                                          mesh_from_spec("data=1", jax.devices()[:1]))
+    labels = caption_labels()
+    batch = {"pixel_values": jnp.asarray(images()), "labels": jnp.asarray(labels)}
+    fn = lambda p, f, b: loss_and_grads(graphdef, p, f, b)  # noqa: E731
+    jaxpr = jax.make_jaxpr(fn)(state.params, state.frozen, batch)
+    b, t = labels.shape
+    dec = config.decoder
+    dense_extra = b * 6 * dec.num_hidden_layers * t**2 * dec.hidden_size  # the whole causal square
+    estimate = b * t * train_flops_per_token(state, config, seq_len=t)
+    assert matmul_flops(jaxpr.jaxpr) == pytest.approx(estimate + dense_extra, rel=1e-12)
+
+
 def test_stage_names_are_checked_against_the_model(workspace):
     _, root = workspace
     model = VisionEncoderDecoderModel.from_pretrained(root / "model")

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import shutil
 import time
 import tomllib
@@ -246,10 +247,9 @@ def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
                            template=cfg.template, **common)
 
 
-def _decoder_shape(model_config) -> tuple[int, int]:
-    """(layers, width) of the text decoder, for the attention term of the FLOP estimate."""
-    text = model_config.decoder if isinstance(model_config, VisionEncoderDecoderConfig) else model_config.text_config
-    return text.num_hidden_layers, text.hidden_size
+def _text_config(model_config):
+    """The config of the text decoder (VipLlava's language model, VED's decoder)."""
+    return model_config.decoder if isinstance(model_config, VisionEncoderDecoderConfig) else model_config.text_config
 
 
 def _tensorboard(out: Path):
@@ -279,22 +279,29 @@ _LOOKUPS = ("embed_tokens", "position_embedding", "wte", "wpe", "word_embeddings
             "cls_token", "distillation_token")
 
 
+_WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # a tied head's weight
+# A VED decoder's cross-attention keys and values (GPT-2, BERT): they run on encoder tokens.
+_CROSS_KV = re.compile(r"'crossattention'\]\['(c_attn|self'\]\['(key|value))'")
+
+
 def _is_lookup(path: str) -> bool:
     return any(f"'{name}" in path for name in _LOOKUPS)
 
 
-def _image_side(model_config) -> tuple[dict[str, int], int, object]:
-    """({top-level part: tokens it runs on per row}, patches per image, the tower's config)
-    for the parts that see a row's image (one per training row) instead of its text, the
-    tower first: VipLlava's (CLS + patches) and projector (patches); VED's encoder and
-    projection (the encoder's tokens)."""
+def _image_side(model_config) -> tuple[dict[str, int], int, object, str | None]:
+    """For the parts that see a row's image (one per training row) instead of its text:
+    ({top-level part: tokens it runs on per row}, the tower first; patches per image; the
+    tower's config; the part whose weights read the tower's output directly, if any).
+    VipLlava: the tower (CLS + patches) and the projector (patches; it starts with a norm);
+    VED: the encoder and its projection to the decoder (the encoder's tokens)."""
     if isinstance(model_config, VisionEncoderDecoderConfig):
         enc = model_config.encoder
         patches = (enc.image_size // enc.patch_size) ** 2
-        return {"encoder": enc.seq_len, "enc_to_dec_proj": enc.seq_len}, patches, enc
+        parts = {"encoder": enc.seq_len, "enc_to_dec_proj": enc.seq_len}
+        return parts, patches, enc, "enc_to_dec_proj"
     vision = model_config.vision_config
     n = vision.num_patches
-    return {"vision_tower": n + 1, "multi_modal_projector": n}, n, vision
+    return {"vision_tower": n + 1, "multi_modal_projector": n}, n, vision, None
 
 
 def train_flops_per_token(state: TrainState, model_config, *, seq_len: int) -> float:
@@ -302,33 +309,49 @@ def train_flops_per_token(state: TrainState, model_config, *, seq_len: int) -> f
     matmuls an ideal implementation runs, the same for every kernel choice.
 
     Per weight matrix entry and per token it runs on, a matmul costs 2 FLOPs forward, 2 more
-    for the input gradient and 2 for the weight gradient: 6 for a trained weight, 4 for a
-    frozen one that gradients pass through (a frozen decoder), 2 for a frozen vision tower or
-    VED encoder and projection (forward only). The tower and the projector run on the image's
-    tokens (the patch embedding on its patches), the rest on every position. Attention adds
-    4 T S D per layer forward (x3 with its backward where trained), halved where causal: the
-    decoder's is 6 L T D per position (PaLM counts 12, the full square), a VED decoder's
-    cross-attention 12 L S D (S encoder tokens). Left out: embedding tables (lookups), norms
-    and biases (no matmuls), and a tied output head's matmul. Every vision layer is counted,
-    also any past the deepest feature layer, which does not run.
+    for the input gradient and 2 for the weight gradient: 6 for a trained weight (4 where its
+    input needs no gradient: the patch embedding, a projection straight off a frozen tower),
+    4 for a frozen weight that gradients pass through (a frozen decoder), 2 for a frozen
+    tower (forward only). The tower and the projector run on the image's tokens (the patch
+    embedding on its patches; a VED decoder's cross-attention keys and values on the
+    encoder's), the rest on every position; a tied output head is the word embedding's
+    matmul. Attention adds 4 T S D per layer forward (x3 with its backward where trained),
+    halved where causal: the decoder's is 6 L T D per position (PaLM counts 12, the full
+    square), a VED decoder's cross-attention 12 L S D (S encoder tokens). Left out: embedding
+    lookups, norms and biases (no matmuls). Every vision layer is counted, also any past the
+    deepest feature layer, which does not run.
     """
-    image_side, patches, vision = _image_side(model_config)
+    image_side, patches, vision, reads_tower = _image_side(model_config)
     tower = next(iter(image_side))
-    layers, width = _decoder_shape(model_config)
+    tower_trained = tower in state.params
+    text = _text_config(model_config)
+    layers, width = text.num_hidden_layers, text.hidden_size
     per_row = 6 * layers * seq_len**2 * width  # causal self-attention, forward and backward
     if isinstance(model_config, VisionEncoderDecoderConfig):
         per_row += 12 * layers * seq_len * image_side["encoder"] * width  # cross-attention
-    tower_trained = False
+    tokens = image_side[tower]  # the tower's own attention, not causal
+    per_row += (3 if tower_trained else 1) * 4 * vision.num_hidden_layers * tokens**2 * vision.hidden_size
+
+    def flops_per_use(trained: bool, part: str, key: str) -> int:
+        if not trained:
+            return 2 if part in image_side else 4
+        no_input_grad = "patch_embedding" in key or (part == reads_tower and not tower_trained)
+        return 4 if no_input_grad else 6
+
     for trained, tree in ((True, state.params), (False, state.frozen)):
         for path, x in jax.tree_util.tree_leaves_with_path(tree):
             key, part = jax.tree_util.keystr(path), str(path[0].key)
+            if text.tie_word_embeddings and any(f"'{name}'" in key for name in _WORD_EMBEDDINGS):
+                per_row += (6 if trained else 4) * x.size * seq_len  # the tied output head
             if x.ndim < 2 or _is_lookup(key) or "'pooler'" in key:  # ViT's pooler never runs
                 continue
-            tokens = patches if "patch_embedding" in key else image_side.get(part, seq_len)
-            per_row += (6 if trained else 2 if part in image_side else 4) * x.size * tokens
-            tower_trained |= trained and part == tower
-    tokens = image_side[tower]  # the tower's own attention, not causal
-    per_row += (3 if tower_trained else 1) * 4 * vision.num_hidden_layers * tokens**2 * vision.hidden_size
+            if "patch_embedding" in key:
+                tokens = patches
+            elif _CROSS_KV.search(key):
+                tokens = image_side["encoder"]
+            else:
+                tokens = image_side.get(part, seq_len)
+            per_row += flops_per_use(trained, part, key) * x.size * tokens
     return per_row / seq_len
 
 
