@@ -77,9 +77,13 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
     np.testing.assert_allclose(np.asarray(logits)[real], out.logits.detach().numpy()[real], atol=1e-4)
 
     calls = []  # (is_causal, key lengths given) of each attention call traced
-    dpa = jax.nn.dot_product_attention
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **kw: (
-        calls.append((kw.get("is_causal"), kw.get("key_value_seq_lengths") is not None)), dpa(*a, **kw))[1])
+    dot_product_attention = jax.nn.dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append((kw.get("is_causal"), kw.get("key_value_seq_lengths") is not None))
+        return dot_product_attention(*args, **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
     mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
     graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps "xla"
     fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
