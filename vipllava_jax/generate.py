@@ -52,7 +52,7 @@ class SamplingParams:
         The defaults pick greedily and never stop early (no EOS id)."""
         return cls(do_sample=np.bool_(do_sample), temperature=np.float32(temperature),
                    top_k=np.int32(top_k or 0), top_p=np.float32(top_p),
-                   eos_ids=_eos_array(eos_token_id, None), pad_id=np.int32(pad_id))
+                   eos_ids=_eos_array(eos_token_id), pad_id=np.int32(pad_id))
 
 
 @struct.dataclass
@@ -204,10 +204,9 @@ def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask
 
 # -- the user-facing calls ---------------------------------------------------------------------
 
-def _eos_array(eos_token_id, default) -> np.ndarray:
-    eos = default if eos_token_id is None else eos_token_id
-    if eos is None:
-        eos = []
+def _eos_array(eos_token_id) -> np.ndarray:
+    """EOS ids (an int, a list or None) as int32 [E], padded with -1."""
+    eos = [] if eos_token_id is None else eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos)
     # A fixed length (padded with -1) keeps one compiled program for 1..8 EOS ids.
     width = max(8, len(eos))

@@ -258,7 +258,7 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
     start = _first(decoder_start_token_id, cfg.decoder_start_token_id, cfg.decoder.bos_token_id)
     if start is None or not 0 <= start < cfg.decoder.vocab_size:
         raise VipLlavaError(f"decoder_start_token_id must be a token id in [0, {cfg.decoder.vocab_size}), got {start}")
-    eos = _eos_array(_first(eos_token_id, cfg.eos_token_id, cfg.decoder.eos_token_id), None)
+    eos = _eos_array(_first(eos_token_id, cfg.eos_token_id, cfg.decoder.eos_token_id))
     real_eos = [int(e) for e in eos if e >= 0]
     pad = _first(pad_token_id, cfg.pad_token_id, cfg.decoder.pad_token_id, real_eos[0] if real_eos else None, 0)
     if num_beams < 1:
