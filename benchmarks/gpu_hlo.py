@@ -50,16 +50,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from generate import DATASHEET, SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
 
-import optax  # noqa: E402
-
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax import generate as gen  # noqa: E402
 from vipllava_jax.config import VipLlavaConfig  # noqa: E402
-from vipllava_jax.sharding import state_shardings  # noqa: E402
-from vipllava_jax.training import TrainConfig, make_train_step, mesh_from_spec  # noqa: E402
+from vipllava_jax.training import (  # noqa: E402
+    TrainConfig, abstract_train_state, data_sharding, make_train_step, mesh_from_spec,
+)
 from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
-from vipllava_jax.training.mesh import data_sharding, replicated  # noqa: E402
-from vipllava_jax.training.step import TrainState, make_optimizer, trainable_filter  # noqa: E402
 
 NVLINK = 450e9  # bytes/s each way between H100/H200 SXM cards (NVLink 4: 900 GB/s both ways)
 COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")
@@ -114,29 +111,14 @@ def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
 
 def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, config: TrainConfig,
                   mesh_spec: str = "data=1"):
-    """(optimized HLO text, model FLOPs) of one train step, compiled for the card in `spec`:
+    """(optimized HLO text, model FLOPs, cards) of one train step, compiled for the card in `spec`:
     benchmarks/train.py's step (bf16 compute, fp32 master weights and AdamW state) on a mesh
     of such cards (`mesh_spec`, no -1), with every array abstract."""
     count = math.prod(int(size) for _, size in (a.split("=") for a in mesh_spec.split(",")))
     mesh = mesh_from_spec(mesh_spec, target_devices(spec, count))
     cfg = VipLlavaConfig.from_hf_dict(bench_config(model_name).to_dict())
     model = VipLlavaForConditionalGeneration.abstract(cfg, dtype="bfloat16", param_dtype="float32")
-    graphdef, params, frozen = nnx.split(model, trainable_filter(model, config.stage), ...)
-
-    def placed(tree, shardings):
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            tree, shardings)
-
-    param_sh = nnx.to_pure_dict(state_shardings(params, mesh))
-    frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh))
-    params, frozen = placed(nnx.to_pure_dict(params), param_sh), placed(nnx.to_pure_dict(frozen), frozen_sh)
-    opt = make_optimizer(config)
-    opt_state = jax.eval_shape(opt.init, params)
-    opt_sh = optax.tree_map_params(opt, lambda _, s: s, opt_state, param_sh,
-                                   transform_non_params=lambda _: replicated(mesh))
-    shardings = TrainState(step=replicated(mesh), params=param_sh, frozen=frozen_sh, opt_state=opt_sh)
-    step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(mesh))
-    state = TrainState(step, params, frozen, placed(opt_state, opt_sh))
+    graphdef, state, shardings = abstract_train_state(model, config, mesh)
     t = 1 + image_tokens(cfg) + text_tokens
     size = cfg.vision_config.image_size
     rows = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=data_sharding(mesh))
@@ -151,7 +133,7 @@ def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, conf
           f"bf16 compute, attention {config.attention}, remat {config.remat}, compiled in "
           f"{time.perf_counter() - begin:.1f} s; {flops / 1e12:.1f} model TFLOP per step; "
           f"{memory.temp_size_in_bytes / 1e9:.1f} GB of temporaries")
-    return compiled.as_text(), flops
+    return compiled.as_text(), flops, mesh.size
 
 
 def computations(hlo: str) -> dict[str, list[str]]:
@@ -195,6 +177,14 @@ def operands(line: str) -> list[str]:
     return [a.strip().lstrip("%") for a in m.group(1).split(",") if a.strip()] if m else []
 
 
+def dot_flops(out_shape: str, lhs_shape: str, contracting: str) -> int:
+    """2 x the multiply-adds of a matmul; `contracting` lists the lhs contracting dimensions,
+    as HLO prints them ("1") or cuBLAS's backend config does ('"1"')."""
+    lhs = dims(lhs_shape)
+    k = math.prod(lhs[int(i.strip('"'))] for i in contracting.split(",") if i)
+    return 2 * math.prod(dims(out_shape)) * k
+
+
 def cost(line: str, comps: dict[str, list[str]], shapes: dict[str, str]) -> tuple[float, float]:
     """(FLOPs, HBM bytes) of one kernel: its matmuls' FLOPs (cuBLAS calls, dots inside Triton
     fusions, cuDNN attention) and the bytes of its operands and results (for an in-place
@@ -207,9 +197,7 @@ def cost(line: str, comps: dict[str, list[str]], shapes: dict[str, str]) -> tupl
     target = re.search(r'custom_call_target="([^"]*)"', line)
     if target and "gemm_backend_config" in line:
         contracting = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', line).group(1)
-        lhs = dims(shapes[args[0]])
-        k = math.prod(lhs[int(i.strip('"'))] for i in contracting.split(",") if i)
-        flops = 2 * math.prod(dims(shape)) * k
+        flops = dot_flops(shape, shapes[args[0]], contracting)
     elif target and "fmha" in target.group(1):  # q [B, T, N, H] against k [B, S, K, H]
         b, t, n, h = dims(shapes[args[0]])
         s = dims(shapes[args[1]])[1]
@@ -220,9 +208,7 @@ def cost(line: str, comps: dict[str, list[str]], shapes: dict[str, str]) -> tupl
         for inner in called:
             if parse(inner)[1] == "dot":
                 contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inner).group(1)
-                lhs = dims(shapes[operands(inner)[0]])
-                k = math.prod(lhs[int(i)] for i in contracting.split(",") if i)
-                flops += 2 * math.prod(dims(parse(inner)[0])) * k
+                flops += dot_flops(parse(inner)[0], shapes[operands(inner)[0]], contracting)
         if called and "dynamic-update-slice(" in called[-1]:
             moved = 2 * (moved - out - max(nbytes(shapes.get(a, "")) for a in args))
     return flops, moved
@@ -321,14 +307,14 @@ def main():
     args = p.parse_args()
     if args.program == "train":  # before XLA reads its flags (see the docstring)
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
-    model_flops = None
+    model_flops, devices = None, 1
     try:
         if args.program == "decode":
             hlo = compile_decode(args.model or "7b", args.spec, args.batch or 1, args.new_tokens)
         else:
             config = TrainConfig(stage="full", attention=args.attention, remat=args.remat)
-            hlo, model_flops = compile_train(args.model or "1b", args.spec, args.batch or 8,
-                                             args.text_tokens, config, args.mesh)
+            hlo, model_flops, devices = compile_train(args.model or "1b", args.spec, args.batch or 8,
+                                                      args.text_tokens, config, args.mesh)
     except (NotImplementedError, RuntimeError) as e:
         sys.exit(f"no CUDA compiler here ({e}); install jax's CUDA plugin, see the docstring")
     if args.dump:
@@ -343,7 +329,6 @@ def main():
         print("one decode step (the loop body):")
         roofline(comps, body, shapes, peak, bandwidth)
     else:
-        devices = math.prod(int(a.split("=")[1]) for a in args.mesh.split(","))
         roofline(comps, entry, shapes, peak, bandwidth, model_flops, devices)
 
 

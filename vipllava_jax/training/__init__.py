@@ -7,8 +7,8 @@ from vipllava_jax.training.mesh import (
     shard_batch,
 )
 from vipllava_jax.training.step import (
-    REMAT_POLICIES, STAGES, TrainConfig, TrainState, init_train_state, learning_rate_schedule,
-    loss_and_grads, make_optimizer, make_train_step, merge_model,
+    REMAT_POLICIES, STAGES, TrainConfig, TrainState, abstract_train_state, init_train_state,
+    learning_rate_schedule, loss_and_grads, make_optimizer, make_train_step, merge_model,
 )
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "STAGES",
     "TrainConfig",
     "TrainState",
+    "abstract_train_state",
     "add_lora",
     "batch_sharding",
     "data_parallel_size",

@@ -218,6 +218,30 @@ def init_train_state(
       (graphdef, state, shardings): `shardings` is a TrainState of NamedShardings, the
       in/out shardings for `make_train_step`.
     """
+    graphdef, params, frozen, opt, shardings = _split_for_training(model, config, mesh, rules)
+    params = jax.device_put(params, shardings.params)
+    frozen = jax.device_put(frozen, shardings.frozen)
+    opt_state = jax.jit(opt.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return graphdef, TrainState(step, params, frozen, opt_state), shardings
+
+
+def abstract_train_state(
+    model: nnx.Module, config: TrainConfig, mesh: Mesh, rules=LOGICAL_AXIS_RULES
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+    """As `init_train_state`, with `jax.ShapeDtypeStruct`s (carrying their shardings) for
+    arrays: nothing is allocated, so a step can be lowered and compiled for any model size,
+    e.g. for a model from `.abstract(...)` on compile-only devices (benchmarks/gpu_hlo.py)."""
+    graphdef, params, frozen, opt, shardings = _split_for_training(model, config, mesh, rules)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, frozen, jax.eval_shape(opt.init, params))
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    return graphdef, state, shardings
+
+
+def _split_for_training(model, config: TrainConfig, mesh: Mesh, rules):
+    """What `init_train_state` and `abstract_train_state` share: the checks, the LoRA
+    adapters, the split into (graphdef, trained and frozen pure dicts), the optimizer and
+    every part's sharding."""
     trainable_filter(model, config.stage)  # an unknown stage fails before the model changes
     if config.stage == "lora":
         lora.add_lora(model, rank=config.lora_rank, alpha=config.lora_alpha, targets=config.lora_targets)
@@ -229,18 +253,14 @@ def init_train_state(
                          f"train (it trains {sorted(trained)})")
     param_sh = nnx.to_pure_dict(state_shardings(trainable, mesh, rules))
     frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
-    params = jax.device_put(nnx.to_pure_dict(trainable), param_sh)
-    frozen = jax.device_put(nnx.to_pure_dict(frozen), frozen_sh)
-
+    params = nnx.to_pure_dict(trainable)
     opt = make_optimizer(config)
     opt_sh = optax.tree_map_params(
         opt, lambda _, sharding: sharding, jax.eval_shape(opt.init, params), param_sh,
         transform_non_params=lambda _: replicated(mesh),
     )
-    opt_state = jax.jit(opt.init, out_shardings=opt_sh)(params)
     shardings = TrainState(step=replicated(mesh), params=param_sh, frozen=frozen_sh, opt_state=opt_sh)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated(mesh))
-    return graphdef, TrainState(step, params, frozen, opt_state), shardings
+    return graphdef, params, nnx.to_pure_dict(frozen), opt, shardings
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
