@@ -208,3 +208,40 @@ def jaxpr_eqns(jaxpr, skip=()):
                 sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
                 if isinstance(sub, jax.extend.core.Jaxpr):
                     yield from jaxpr_eqns(sub, skip)
+
+
+def matmul_flops(jaxpr) -> int:
+    """2 x the multiply-adds of every dot_general and convolution in a jaxpr."""
+    import math
+
+    total = 0
+    for eqn in jaxpr_eqns(jaxpr):
+        out = math.prod(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * out * math.prod(lhs[d] for d in contracting)
+        elif eqn.primitive.name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape
+            total += 2 * out * math.prod(kernel) // kernel[eqn.params["dimension_numbers"].rhs_spec[0]]
+    return total
+
+
+def traced_and_estimated_flops(model, stage, batch, text_config) -> tuple[int, float]:
+    """(matmul FLOPs of the traced `loss_and_grads` of `batch` in `stage`, what
+    `train_flops_per_token` says of it). The trace uses XLA's dense attention, which computes
+    the whole causal square of the decoder's self-attention: the estimate's other half is
+    added to it."""
+    import jax
+    import jax.numpy as jnp
+
+    from vipllava_jax.training import TrainConfig, init_train_state, loss_and_grads, mesh_from_spec
+    from vipllava_jax.training.loop import train_flops_per_token
+
+    mesh = mesh_from_spec("data=1", jax.devices()[:1])
+    graphdef, state, _ = init_train_state(model, TrainConfig(stage=stage), mesh)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    jaxpr = jax.make_jaxpr(lambda p, f, b: loss_and_grads(graphdef, p, f, b))(state.params, state.frozen, batch)
+    b, t = batch["labels"].shape
+    dense_extra = b * 6 * text_config.num_hidden_layers * t**2 * text_config.hidden_size
+    return matmul_flops(jaxpr.jaxpr), b * t * train_flops_per_token(state, model.config, seq_len=t) + dense_extra
