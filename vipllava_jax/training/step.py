@@ -314,9 +314,10 @@ def _use_attention(model: nnx.Module, attention: str, platform: str) -> None:
             raise ValueError(f"{type(model).__name__} has no fused attention path; use "
                              f"attention='xla'")
         if not all(half):
+            dtype = next(jnp.dtype(m.dtype).name for m, is_half in zip(stacks, half) if not is_half)
             raise ValueError(f"cuDNN's fused attention computes in bfloat16 or float16; this "
-                             f"model computes in {jnp.dtype(stacks[0].dtype).name} (set the "
-                             f"compute dtype to bfloat16, or use attention='xla')")
+                             f"model computes in {dtype} (set the compute dtype to bfloat16, "
+                             f"or use attention='xla')")
     fused = attention != "xla" and platform == "cuda"
     for m, is_half in zip(stacks, half):
         m.attention_kernel = "cudnn" if fused and is_half else None
