@@ -57,6 +57,7 @@ from vipllava_jax.training import (  # noqa: E402
     TrainConfig, abstract_train_state, data_sharding, make_train_step, mesh_from_spec,
 )
 from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
+from vipllava_jax.training.step import ATTENTION  # noqa: E402
 
 NVLINK = 450e9  # bytes/s each way between H100/H200 SXM cards (NVLink 4: 900 GB/s both ways)
 COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")
@@ -300,7 +301,7 @@ def main():
     p.add_argument("--batch", type=int, help="default: 1 (decode), 8 (train)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode")
     p.add_argument("--text-tokens", type=int, default=447, help="train")
-    p.add_argument("--attention", default="auto", help="train: TrainConfig.attention")
+    p.add_argument("--attention", choices=ATTENTION, default="auto", help="train: TrainConfig.attention")
     p.add_argument("--remat", default="none", help="train: TrainConfig.remat")
     p.add_argument("--mesh", default="data=1", help="train: a mesh spec of this many cards")
     p.add_argument("--dump", help="also write the optimized HLO to this file")

@@ -56,6 +56,7 @@ from vipllava_jax.training import (  # noqa: E402
     TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
 )
 from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
+from vipllava_jax.training.step import ATTENTION  # noqa: E402
 
 def make_batch(batch: int, text_tokens: int, config, seed: int = 0):
     n_img, size = image_tokens(config), config.vision_config.image_size
@@ -134,7 +135,7 @@ def main():
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--remat", default="none", help="TrainConfig.remat: none, dots or full")
-    p.add_argument("--attention", choices=["auto", "xla", "cudnn"], default="auto")
+    p.add_argument("--attention", choices=ATTENTION, default="auto")
     p.add_argument("--no-torch", action="store_true", help="JAX only (random init, no reference)")
     args = p.parse_args()
     cfg = bench_config(args.model)
