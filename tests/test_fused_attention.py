@@ -97,7 +97,7 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
                                    err_msg=name)
 
 
-def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts():
+def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts_and_pallas_on_tpus():
     config = VipLlavaConfig.from_hf_dict(tiny_config(vision_layers=1, feature_layers=(-1,)).to_dict())
 
     def fresh(dtype):
@@ -114,26 +114,33 @@ def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts():
         ("auto", "cpu", bf16, [None, None]),
         ("auto", "rocm", bf16, [None, None]),
         ("auto", "cuda", fp32, [None, None]),  # cuDNN's kernel takes bf16/fp16 only
+        ("auto", "tpu", bf16, ["pallas", "pallas"]),
+        ("auto", "tpu", fp32, ["pallas", "pallas"]),  # the Pallas kernel takes any dtype
+        ("pallas", "tpu", fp32, ["pallas", "pallas"]),
+        ("xla", "tpu", bf16, [None, None]),
     ]:
         _use_attention(model, attention_choice, platform)
         assert kernels(model) == want, (attention_choice, platform)
     with pytest.raises(ValueError, match="runs on NVIDIA GPUs"):
         _use_attention(bf16, "cudnn", "cpu")
+    with pytest.raises(ValueError, match="attention='pallas' runs on TPUs; this mesh is on 'cuda'"):
+        _use_attention(bf16, "pallas", "cuda")
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         _use_attention(fp32, "cudnn", "cuda")
     with pytest.raises(ValueError, match="attention must be one of"):
         TrainConfig(attention="flash")
 
 
-def test_cudnn_on_a_cpu_mesh_fails_before_compiling(tiny_hf):
+@pytest.mark.parametrize("kernel, hardware", [("cudnn", "NVIDIA GPUs"), ("pallas", "TPUs")])
+def test_a_kernel_for_other_hardware_fails_on_a_cpu_mesh_before_compiling(tiny_hf, kernel, hardware):
     hf, path = tiny_hf
     model = VipLlavaForConditionalGeneration.from_pretrained(path)
-    config = TrainConfig(attention="cudnn")
+    config = TrainConfig(attention=kernel)
     mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
     graphdef, state, shardings = init_train_state(model, config, mesh)
     step = make_train_step(graphdef, config, mesh, shardings)
     inputs = right_padded(make_inputs(hf.config))
     batch = shard_batch({k: v.astype(np.float32 if k == "pixel_values" else np.int32)
                          for k, v in inputs.items()}, mesh)
-    with pytest.raises(ValueError, match="attention='cudnn' runs on NVIDIA GPUs; this mesh is on 'cpu'"):
+    with pytest.raises(ValueError, match=f"attention='{kernel}' runs on {hardware}; this mesh is on 'cpu'"):
         step(state, batch)

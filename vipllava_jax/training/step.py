@@ -63,7 +63,7 @@ REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
 }
 
 # TrainConfig.attention choices (see `_use_attention`).
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = ("auto", "xla", "cudnn", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +90,13 @@ class TrainConfig:
       attention: the kernel of the decoder's and vision tower's attention. "xla": XLA's
         softmax(QK^T)V from a dense mask, which materialises every layer's [B, N, T, T]
         scores; "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute; the
-        batch must be right-padded, as the training loaders make it); "auto": "cudnn" where
-        the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, else "xla". The ~1B train
-        step compiled for an H200 (benchmarks/gpu_hlo.py --program train) needs at least
-        153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with "cudnn".
+        batch must be right-padded, as the training loaders make it); "pallas": JAX's Pallas
+        flash-attention kernel for TPUs (any dtype; right-padded batches too; a Mistral
+        sliding window shorter than the sequence stays on XLA's kernel); "auto": "cudnn" where
+        the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, "pallas" on TPUs,
+        else "xla". The ~1B train step compiled for an H200 (benchmarks/gpu_hlo.py --program
+        train) needs at least 153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with
+        "cudnn"; for TPUs see benchmarks/tpu_hlo.py.
       lr_multipliers: {top-level submodule: factor}: that submodule's updates (learning rate
         and weight decay alike) times the factor, e.g. `{"vision_tower": 0.1}` (LLaVA-NeXT's
         separate vision tower learning rate). Names must be trained by the stage.
@@ -303,24 +306,31 @@ def _remat_decoder_layers(model: nnx.Module, remat: str) -> None:
 
 def _use_attention(model: nnx.Module, attention: str, platform: str) -> None:
     """Points the attention of `model` (a throwaway copy merged inside the trace, like
-    `_remat_decoder_layers`) at the kernel that `TrainConfig.attention` names on `platform`."""
+    `_remat_decoder_layers`) at the kernel that `TrainConfig.attention` names on `platform`
+    ("cuda" for NVIDIA GPUs, else the JAX platform name)."""
     stacks = layers.attention_stacks(model)
     half = [jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16) for m in stacks]
-    if attention == "cudnn":
-        if platform != "cuda":
-            raise ValueError(f"attention='cudnn' runs on NVIDIA GPUs; this mesh is on "
+    needs = {"cudnn": ("cuda", "NVIDIA GPUs"), "pallas": ("tpu", "TPUs")}
+    if attention in needs:
+        want, hardware = needs[attention]
+        if platform != want:
+            raise ValueError(f"attention={attention!r} runs on {hardware}; this mesh is on "
                              f"{platform!r} (use attention='auto' or 'xla')")
         if not stacks:
             raise ValueError(f"{type(model).__name__} has no fused attention path; use "
                              f"attention='xla'")
-        if not all(half):
-            dtype = next(jnp.dtype(m.dtype).name for m, is_half in zip(stacks, half) if not is_half)
-            raise ValueError(f"cuDNN's fused attention computes in bfloat16 or float16; this "
-                             f"model computes in {dtype} (set the compute dtype to bfloat16, "
-                             f"or use attention='xla')")
-    fused = attention != "xla" and platform == "cuda"
+    if attention == "cudnn" and not all(half):
+        dtype = next(jnp.dtype(m.dtype).name for m, is_half in zip(stacks, half) if not is_half)
+        raise ValueError(f"cuDNN's fused attention computes in bfloat16 or float16; this "
+                         f"model computes in {dtype} (set the compute dtype to bfloat16, "
+                         f"or use attention='xla')")
     for m, is_half in zip(stacks, half):
-        m.attention_kernel = "cudnn" if fused and is_half else None
+        if attention == "xla":
+            m.attention_kernel = None
+        elif platform == "tpu":
+            m.attention_kernel = "pallas"
+        else:
+            m.attention_kernel = "cudnn" if platform == "cuda" and is_half else None
 
 
 def _micro_batches(batch: Batch, grad_accum: int) -> Batch:
@@ -364,7 +374,7 @@ def loss_and_grads(
       grad_accum: run the batch as this many micro-batches (`lax.scan`): same result,
         1/grad_accum of the activation memory.
       remat: a `REMAT_POLICIES` name.
-      attention: a `TrainConfig.attention` choice ("auto" and "cudnn" read the platform of
+      attention: a `TrainConfig.attention` choice ("auto", "cudnn" and "pallas" read the platform of
         `mesh`, or of the default backend without one); None: the model's attention as it is
         (dense masks unless `layers.use_attention_kernel` set a kernel).
       mesh, param_shardings: if given, micro-batches stay sharded over the data axes and the
