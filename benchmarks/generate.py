@@ -42,8 +42,11 @@ SHAPES = {
     "7b": ((1024, 4096, 24, 16, 336), (4096, 11008, 32, 32)),    # vip-llava-7b
     "1b": ((1024, 4096, 24, 16, 336), (2048, 5632, 22, 32)),     # CLIP-L + a TinyLlama-sized decoder
 }
-# data-sheet dense bf16 FLOP/s and HBM bytes/s of the cards the benchmarks are run on
-DATASHEET = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+# data-sheet dense bf16 FLOP/s and HBM bytes/s of the cards the benchmarks are run on, by a
+# part of jax's device_kind (the first match wins: "TPU v5 lite" is v5e, "TPU v5" v5p)
+DATASHEET = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12), "TPU v4": (275e12, 1.2e12),
+             "TPU v5 lite": (197e12, 0.82e12), "TPU v5": (459e12, 2.76e12),
+             "TPU v6 lite": (918e12, 1.64e12)}
 
 
 def bench_config(name: str = "bench-158M"):

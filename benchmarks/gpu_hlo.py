@@ -110,13 +110,17 @@ def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
     return compiled.as_text()
 
 
-def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, config: TrainConfig,
+def mesh_size(mesh_spec: str) -> int:
+    """The number of devices a mesh spec without -1 names, e.g. "data=2,fsdp=4" -> 8."""
+    return math.prod(int(size) for _, size in (a.split("=") for a in mesh_spec.split(",")))
+
+
+def compile_train(model_name: str, devices, batch: int, text_tokens: int, config: TrainConfig,
                   mesh_spec: str = "data=1"):
-    """(optimized HLO text, model FLOPs, cards) of one train step, compiled for the card in `spec`:
-    benchmarks/train.py's step (bf16 compute, fp32 master weights and AdamW state) on a mesh
-    of such cards (`mesh_spec`, no -1), with every array abstract."""
-    count = math.prod(int(size) for _, size in (a.split("=") for a in mesh_spec.split(",")))
-    mesh = mesh_from_spec(mesh_spec, target_devices(spec, count))
+    """(compiled step, model FLOPs, devices used) of one train step, compiled for `devices`
+    (compile-only ones): benchmarks/train.py's step (bf16 compute, fp32 master weights and
+    AdamW state) on a mesh of them (`mesh_spec`, no -1), with every array abstract."""
+    mesh = mesh_from_spec(mesh_spec, devices[:mesh_size(mesh_spec)])
     cfg = VipLlavaConfig.from_hf_dict(bench_config(model_name).to_dict())
     model = VipLlavaForConditionalGeneration.abstract(cfg, dtype="bfloat16", param_dtype="float32")
     graphdef, state, shardings = abstract_train_state(model, config, mesh)
@@ -134,7 +138,7 @@ def compile_train(model_name: str, spec: str, batch: int, text_tokens: int, conf
           f"bf16 compute, attention {config.attention}, remat {config.remat}, compiled in "
           f"{time.perf_counter() - begin:.1f} s; {flops / 1e12:.1f} model TFLOP per step; "
           f"{memory.temp_size_in_bytes / 1e9:.1f} GB of temporaries")
-    return compiled.as_text(), flops, mesh.size
+    return compiled, flops, mesh.size
 
 
 def computations(hlo: str) -> dict[str, list[str]]:
@@ -314,8 +318,10 @@ def main():
             hlo = compile_decode(args.model or "7b", args.spec, args.batch or 1, args.new_tokens)
         else:
             config = TrainConfig(stage="full", attention=args.attention, remat=args.remat)
-            hlo, model_flops, devices = compile_train(args.model or "1b", args.spec, args.batch or 8,
-                                                      args.text_tokens, config, args.mesh)
+            compiled, model_flops, devices = compile_train(
+                args.model or "1b", target_devices(args.spec, mesh_size(args.mesh)),
+                args.batch or 8, args.text_tokens, config, args.mesh)
+            hlo = compiled.as_text()
     except (NotImplementedError, RuntimeError) as e:
         sys.exit(f"no CUDA compiler here ({e}); install jax's CUDA plugin, see the docstring")
     if args.dump:
