@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 
+from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
+
 IMAGE_TOKEN = 100
 VOCAB = 128
 
@@ -160,6 +162,29 @@ def torch_forward(model, inputs):
     with torch.no_grad():
         out = model(**{k: torch.tensor(v) for k, v in inputs.items()})
     return out.logits.float().numpy(), float(out.loss) if out.loss is not None else None
+
+
+def torch_loss_and_grads(model, inputs):
+    """transformers' output for `inputs` (labels included) after `loss.backward()`, and the
+    gradient of each parameter that got one, by canonical key."""
+    model.zero_grad()
+    out = model(**{k: torch.tensor(v) for k, v in inputs.items()})
+    out.loss.backward()
+    return out, {canonical_key(n): p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_match(grads, torch_grads, names=None) -> float:
+    """Each of `names` (default: every one) of the flat JAX `grads` equals its transformers
+    gradient from `torch_loss_and_grads` (rtol 1e-4, atol 1e-6 x the tensor's max |grad|).
+    Returns the worst max |difference| / max |grad| over them."""
+    worst = 0.0
+    for name in grads if names is None else names:
+        key, leaf = hf_key_for(name, grads[name].ndim)
+        want = leaf.to_jax(torch_grads[key].numpy())
+        got = np.asarray(grads[name])
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
+        worst = max(worst, float(np.abs(got - want).max() / (np.abs(want).max() + 1e-30)))
+    return worst
 
 
 @pytest.fixture(scope="session")

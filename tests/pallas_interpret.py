@@ -13,16 +13,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 from jax.experimental.pallas import tpu as pltpu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import make_hf_model, make_inputs  # noqa: E402
+from conftest import assert_grads_match, make_hf_model, make_inputs, torch_loss_and_grads  # noqa: E402
 from test_fused_attention import right_padded  # noqa: E402
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax.checkpoint import flatten  # noqa: E402
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for  # noqa: E402
 from vipllava_jax.layers import KeyLengths, attention, use_attention_kernel  # noqa: E402
 from vipllava_jax.llama import decoder_mask  # noqa: E402
 from vipllava_jax.training import (  # noqa: E402
@@ -66,10 +64,7 @@ def model_matches_transformers(tmp: Path) -> None:
     hf = make_hf_model(vision_layers=2, feature_layers=(-1, 0))
     hf.save_pretrained(tmp)
     inputs = right_padded(make_inputs(hf.config, batch=4, seq=20, left_pad=(0, 3, 1, 5)))
-    hf.zero_grad()
-    out = hf(**{k: torch.tensor(v) for k, v in inputs.items()})
-    out.loss.backward()
-    torch_grads = {canonical_key(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    out, torch_grads = torch_loss_and_grads(hf, inputs)
 
     model = VipLlavaForConditionalGeneration.from_pretrained(tmp)
     assert len(use_attention_kernel(model, "pallas")) == 2  # the decoder and the vision tower
@@ -79,13 +74,7 @@ def model_matches_transformers(tmp: Path) -> None:
     fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
     loss, grads, _ = fn(state.params, state.frozen, batch)
     np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
-    worst = 0.0
-    for name, grad in flatten(grads).items():
-        key, leaf = hf_key_for(name, grad.ndim)
-        want = leaf.to_jax(torch_grads[key].numpy())
-        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6 * np.abs(want).max(),
-                                   err_msg=name)
-        worst = max(worst, float(np.abs(np.asarray(grad) - want).max() / (np.abs(want).max() + 1e-30)))
+    worst = assert_grads_match(flatten(grads), torch_grads)
     print(f"model: loss {float(loss):.6f} vs transformers {out.loss.item():.6f}; worst grad "
           f"error / max |grad| {worst:.1e} over {len(flatten(grads))} tensors", flush=True)
 

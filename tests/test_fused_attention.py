@@ -12,12 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from conftest import make_hf_model, make_inputs, tiny_config
+from conftest import assert_grads_match, make_hf_model, make_inputs, tiny_config, torch_loss_and_grads
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
 from vipllava_jax.config import VipLlavaConfig
 from vipllava_jax.layers import KeyLengths, attention, attention_stacks, use_attention_kernel
 from vipllava_jax.llama import decoder_mask
@@ -64,10 +62,7 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
     hf = make_hf_model(vision_layers=2, feature_layers=(-1, 0), **kw)
     hf.save_pretrained(tmp_path)
     inputs = right_padded(make_inputs(hf.config, batch=4, seq=20, left_pad=(0, 3, 1, 5)))
-    hf.zero_grad()
-    out = hf(**{k: torch.tensor(v) for k, v in inputs.items()})
-    out.loss.backward()
-    torch_grads = {canonical_key(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    out, torch_grads = torch_loss_and_grads(hf, inputs)
 
     model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert len(use_attention_kernel(model, "xla")) == 2  # the decoder and the vision tower
@@ -90,11 +85,7 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
     loss, grads, _ = fn(state.params, state.frozen, batch)
     assert set(calls) == {(True, True), (False, False)}  # decoder, vision tower: fused forms
     np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
-    for name, grad in flatten(grads).items():
-        key, leaf = hf_key_for(name, grad.ndim)
-        want = leaf.to_jax(torch_grads[key].numpy())
-        np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-4, atol=1e-6 * np.abs(want).max(),
-                                   err_msg=name)
+    assert_grads_match(flatten(grads), torch_grads)
 
 
 def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts_and_pallas_on_tpus():

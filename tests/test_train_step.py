@@ -18,10 +18,11 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import make_hf_model, make_inputs, traced_and_estimated_flops
+from conftest import (
+    assert_grads_match, make_hf_model, make_inputs, torch_loss_and_grads, traced_and_estimated_flops,
+)
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
 from vipllava_jax.sharding import logical_to_spec
 from vipllava_jax.training import (
     TrainConfig, init_train_state, learning_rate_schedule, loss_and_grads, make_optimizer,
@@ -161,10 +162,7 @@ def test_micro_batches_are_strided_and_images_follow_their_rows():
 
 def test_loss_and_grads_match_transformers(tiny):
     hf, path, inputs = tiny
-    hf.zero_grad()
-    out = hf(**{k: torch.tensor(v) for k, v in inputs.items()})
-    out.loss.backward()
-    torch_grads = {canonical_key(n): p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    out, torch_grads = torch_loss_and_grads(hf, inputs)
 
     model = VipLlavaForConditionalGeneration.from_pretrained(path)
     graphdef, state, _ = init_train_state(model, CONFIG, one_device_mesh())
@@ -175,17 +173,13 @@ def test_loss_and_grads_match_transformers(tiny):
     assert tokens == np.sum(inputs["labels"][:, 1:] != -100)
     grads = flatten(grads)
     assert {k.split(".")[0] for k in grads} == {"multi_modal_projector", "language_model", "lm_head"}
-    for name in [
+    assert_grads_match(grads, torch_grads, [
         "multi_modal_projector.linear_1.kernel",
         "language_model.layers.0.self_attn.q_proj.kernel",
         "language_model.embed_tokens.embedding",
         "lm_head.kernel",
         *grads,  # and every other trainable parameter
-    ]:
-        key, leaf = hf_key_for(name, grads[name].ndim)
-        want = leaf.to_jax(torch_grads[key].numpy())
-        atol = 1e-6 * np.abs(want).max()
-        np.testing.assert_allclose(np.asarray(grads[name]), want, rtol=1e-4, atol=atol, err_msg=name)
+    ])
 
 
 # -- the step ------------------------------------------------------------------------------------
