@@ -141,7 +141,7 @@ class KeyLengths:
     gets the kernel's output instead of zeros; no real token reads it.) `attention`
     hands it to `jax.nn.dot_product_attention` with `implementation`: "cudnn" (cuDNN's flash
     attention, GPUs, bf16/fp16) or "xla" (the same call compiled by XLA, for CPU tests); or,
-    with "pallas", to JAX's Pallas flash-attention kernel for TPUs (`pallas_tpu_attention`).
+    with "pallas", to JAX's Pallas splash-attention kernel for TPUs (`pallas_tpu_attention`).
     """
 
     lengths: jax.Array | None  # [B] int32; None: every key is real
@@ -165,14 +165,12 @@ def attention(
     reads them, equal to transformers'.
     """
     if isinstance(mask, KeyLengths):
-        windowed = mask.sliding_window is not None and mask.sliding_window < k.shape[1]
-        if mask.implementation == "pallas" and not windowed:  # (no sliding windows in it)
+        if mask.implementation == "pallas":
             return pallas_tpu_attention(q, k, v, mask, scale)
-        implementation = "xla" if mask.implementation == "pallas" else mask.implementation
         window = None if mask.sliding_window is None else (mask.sliding_window - 1, 0)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=mask.causal, key_value_seq_lengths=mask.lengths,
-            local_window_size=window, implementation=implementation)
+            local_window_size=window, implementation=mask.implementation)
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
     if mask is None:
         return out
@@ -180,49 +178,61 @@ def attention(
     return jnp.where(sees_any, out, 0).astype(out.dtype)
 
 
-# Sequence lengths the Pallas TPU kernel tiles by (its blocks are multiples of 128 lanes; the
-# kernel's default tiling, 128 x 128, is kept: XLA:TPU's estimate of the ~1B train step is the
-# same within 3% for 256 and 512, benchmarks/tpu_hlo.py, and no TPU has measured them yet).
+# Sequence lengths the Pallas TPU kernel tiles by: the splash kernel's default blocks, 128 x 128
+# (no TPU has timed others yet; for the earlier flash kernel XLA:TPU's estimate of the ~1B train
+# step was the same within 3% for 256 and 512, benchmarks/tpu_hlo.py).
 PALLAS_BLOCK = 128
 
 
 def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyLengths,
                          scale: float) -> jax.Array:
-    """`attention` with `KeyLengths` (no sliding window) on JAX's Pallas flash-attention
-    kernel for TPUs (`jax.experimental.pallas.ops.tpu.flash_attention`, forward and backward):
-    no `[B, N, T, S]` scores in HBM. Same shapes and results as `attention`.
+    """`attention` with `KeyLengths` on JAX's Pallas splash-attention kernel for TPUs
+    (`jax.experimental.pallas.ops.tpu.splash_attention`, forward and backward): no
+    `[B, N, T, S]` scores in HBM, and the blocks a causal or sliding-window mask rules out are
+    skipped. Same shapes and results as `attention`.
 
-    The kernel wants `[B, N, T, H]`, as many KV heads as query heads, and sequences in whole
-    blocks of `PALLAS_BLOCK`: KV heads are repeated (GQA), and sequences are padded at the end
-    to a whole block with keys in segment 0; real keys are segment 1, so a padding query attends
-    only padding keys and no real query sees one. On a mesh the kernel, which XLA cannot
-    partition, runs under `shard_map`: rows over the data axes, heads over the tensor axis.
-    (On a CPU, `jax.experimental.pallas.tpu.force_tpu_interpret_mode()` interprets it: tests.)
+    The kernel runs on one row, `[N, T, H]` queries on `[K, S, H]` keys (GQA natively), with
+    sequences in whole blocks of `PALLAS_BLOCK` and a mask fixed when it is built: causal,
+    sliding window (Mistral) or none (the vision tower). Rows are vmapped; sequences are padded
+    at the end with keys in segment 0, real keys are segment 1 (right padding), so a padding
+    query attends only padding keys and no real query sees one. On a mesh the kernel, which XLA
+    cannot partition, runs under `shard_map`: rows over the data axes, heads over the tensor
+    axis (KV heads are repeated when the tensor axis does not divide them). The kernel scales
+    the queries before the product instead of the scores after it.
     """
-    from jax.experimental.pallas.ops.tpu import flash_attention as pallas_flash
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    b, t, n, _ = q.shape
+    b, t, n, h = q.shape
     s = k.shape[1]
-    if k.shape[2] != n:  # GQA: every query head gets its own copy of its KV head
-        k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
     lengths = jnp.full((b,), s, jnp.int32) if mask.lengths is None else mask.lengths
     q_len, kv_len = (-(-x // PALLAS_BLOCK) * PALLAS_BLOCK for x in (t, s))
+    mesh = jax.sharding.get_abstract_mesh()
+    heads = None if mesh.empty else logical_to_spec(("batch", "heads", None, None), (b, n, q_len, h), mesh)
+    kv_heads = None if mesh.empty else logical_to_spec(("batch", "kv_heads", None, None),
+                                                       (b, k.shape[2], kv_len, h), mesh)
+    if kv_heads != heads:
+        k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))  # one KV head per query head
 
     def heads_first(x, length):  # [B, L, N, H] -> [B, N, length, H], zeros at the end
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-    q, k, v = heads_first(q, q_len), heads_first(k, kv_len), heads_first(v, kv_len)
+    q, k, v = heads_first(q * jnp.asarray(scale, q.dtype), q_len), heads_first(k, kv_len), heads_first(v, kv_len)
     # segment ids: 1 for a real key (its own position for a query), 0 for padding
     q_seg = (jnp.arange(q_len)[None] < jnp.minimum(lengths, t)[:, None]).astype(jnp.int32)
     kv_seg = (jnp.arange(kv_len)[None] < lengths[:, None]).astype(jnp.int32)
+    if mask.sliding_window is not None:  # the keys of `attention`'s local_window_size
+        one_head = splash.LocalMask((q_len, kv_len), window_size=(mask.sliding_window - 1, 0), offset=0)
+    elif mask.causal:
+        one_head = splash.CausalMask((q_len, kv_len))
+    else:
+        one_head = splash.FullMask((q_len, kv_len))
 
-    def kernel(q, k, v, q_seg, kv_seg):
-        return pallas_flash.flash_attention(q, k, v, segment_ids=pallas_flash.SegmentIds(q_seg, kv_seg),
-                                            causal=mask.causal, sm_scale=scale)
+    def kernel(q, k, v, q_seg, kv_seg):  # this shard's rows and heads
+        row = splash.make_splash_mha(splash.MultiHeadMask([one_head] * q.shape[1]),
+                                     head_shards=1, q_seq_shards=1)
+        return jax.vmap(lambda *a: row(*a[:3], segment_ids=splash.SegmentIds(*a[3:])))(q, k, v, q_seg, kv_seg)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty:
-        heads = logical_to_spec(("batch", "heads", None, None), q.shape, mesh)
+    if heads is not None:
         rows = jax.sharding.PartitionSpec(heads[0], None)
         kernel = jax.shard_map(kernel, mesh=mesh, in_specs=(heads, heads, heads, rows, rows),
                                out_specs=heads, check_vma=False)

@@ -91,8 +91,8 @@ class TrainConfig:
         softmax(QK^T)V from a dense mask, which materialises every layer's [B, N, T, T]
         scores; "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute; the
         batch must be right-padded, as the training loaders make it); "pallas": JAX's Pallas
-        flash-attention kernel for TPUs (any dtype; right-padded batches too; a Mistral
-        sliding window shorter than the sequence stays on XLA's kernel); "auto": "cudnn" where
+        splash-attention kernel for TPUs (any dtype; right-padded batches too; causal,
+        sliding-window and full masks; GQA as it is); "auto": "cudnn" where
         the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, "pallas" on TPUs,
         else "xla". The ~1B train step compiled for an H200 (benchmarks/gpu_hlo.py --program
         train) needs at least 153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with
