@@ -9,12 +9,12 @@ Compiles benchmarks/train.py's step (stage "full", bf16 compute, fp32 master wei
 state; batch 8 x (1 + 576 image + 447 text) tokens for "1b") for a TPU slice named by
 `--topology`, with no TPU attached (libtpu's compile-only devices, as MaxText's train_compile
 does), once for each `--attention` (`TrainConfig.attention`: "xla" is XLA's dense-mask
-attention, "pallas" JAX's Pallas flash-attention kernel), and prints per chip:
+attention, "pallas" JAX's Pallas splash-attention kernel), and prints per chip:
 
     estimate  XLA:TPU's own estimate of the step's time (`cost_analysis()["optimal_seconds"]`)
     MFU       the ceiling that estimate leaves: model FLOPs / chips / estimate / bf16 peak
-    flops     the FLOPs XLA counts in the program (a masked-out flash block is skipped, so
-              "pallas" counts fewer than "xla", which computes every [T, T] score)
+    flops     the FLOPs XLA counts in the program (the kernel skips the blocks its mask rules
+              out, so "pallas" counts fewer than "xla", which computes every [T, T] score)
     memory    arguments (parameters, AdamW state, batch) and temporaries, against the HBM
 
 The estimate is the compiler's cost model, not a measurement, and it is not comparable across
@@ -29,7 +29,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
 from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -29,7 +29,7 @@ On a GPU (JAX only, random init):
 wide x 22 layers, MLP 5632); `--dtype bfloat16` computes in bf16 with fp32 master weights and
 optimizer state. MFU is then also printed against the card's data-sheet bf16 peak.
 `--attention` is `TrainConfig.attention`: "auto" (the default: cuDNN's fused flash attention
-on a GPU, Pallas flash attention on a TPU, XLA's elsewhere), "xla", "cudnn" or "pallas".
+on a GPU, Pallas splash attention on a TPU, XLA's elsewhere), "xla", "cudnn" or "pallas".
 """
 
 from __future__ import annotations
