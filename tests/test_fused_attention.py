@@ -56,8 +56,10 @@ def test_key_lengths_admit_the_keys_of_the_dense_mask(window):
                                attention(q, k, v, None, 0.3), atol=1e-6)
 
 
-@pytest.mark.parametrize("text_model", ["llama", "mistral"])
-def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_model, monkeypatch):
+def assert_model_on_kernel_matches_transformers(tmp_path, text_model: str, kernel: str) -> str:
+    """A tiny llama or mistral (sliding window 6) VipLlava on attention kernel `kernel` gives
+    transformers' logits, and its train-step loss and gradients, on a right-padded batch.
+    Returns a line with the loss and the worst gradient error."""
     kw = dict(text_model="mistral", sliding_window=6) if text_model == "mistral" else {}
     hf = make_hf_model(vision_layers=2, feature_layers=(-1, 0), **kw)
     hf.save_pretrained(tmp_path)
@@ -65,12 +67,24 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
     out, torch_grads = torch_loss_and_grads(hf, inputs)
 
     model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path)
-    assert len(use_attention_kernel(model, "xla")) == 2  # the decoder and the vision tower
+    assert len(use_attention_kernel(model, kernel)) == 2  # the decoder and the vision tower
     batch = {k: jnp.asarray(v) for k, v in inputs.items()}
-    logits = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+    logits = jax.jit(lambda b: model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits)(batch)
     real = inputs["attention_mask"] == 1
     np.testing.assert_allclose(np.asarray(logits)[real], out.logits.detach().numpy()[real], atol=1e-4)
 
+    mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
+    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps `kernel`
+    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
+    loss, grads, _ = fn(state.params, state.frozen, batch)
+    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
+    worst = assert_grads_match(flatten(grads), torch_grads)
+    return (f"{text_model} on {kernel}: loss {float(loss):.6f} vs transformers {out.loss.item():.6f}; "
+            f"worst grad error / max |grad| {worst:.1e} over {len(flatten(grads))} tensors")
+
+
+@pytest.mark.parametrize("text_model", ["llama", "mistral"])
+def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_model, monkeypatch):
     calls = []  # (is_causal, key lengths given) of each attention call traced
     dot_product_attention = jax.nn.dot_product_attention
 
@@ -79,13 +93,8 @@ def test_fused_path_matches_transformers_logits_loss_and_grads(tmp_path, text_mo
         return dot_product_attention(*args, **kw)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-    mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
-    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps "xla"
-    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
-    loss, grads, _ = fn(state.params, state.frozen, batch)
+    print(assert_model_on_kernel_matches_transformers(tmp_path, text_model, "xla"))
     assert set(calls) == {(True, True), (False, False)}  # decoder, vision tower: fused forms
-    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
-    assert_grads_match(flatten(grads), torch_grads)
 
 
 def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts_and_pallas_on_tpus():

@@ -21,14 +21,10 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from conftest import assert_grads_match, make_hf_model, make_inputs, torch_loss_and_grads
-from test_fused_attention import right_padded
-from vipllava_jax import VipLlavaForConditionalGeneration
-from vipllava_jax.checkpoint import flatten
-from vipllava_jax.layers import KeyLengths, attention, use_attention_kernel
+from test_fused_attention import assert_model_on_kernel_matches_transformers
+from vipllava_jax.layers import KeyLengths, attention
 from vipllava_jax.llama import decoder_mask
 from vipllava_jax.sharding import make_mesh
-from vipllava_jax.training import TrainConfig, init_train_state, loss_and_grads, mesh_from_spec
 
 
 @pytest.fixture
@@ -119,26 +115,6 @@ def test_on_a_mesh_each_shard_gets_its_rows_and_heads(interpreted, kv, k_shard):
 
 @pytest.mark.parametrize("text_model", ["llama", "mistral"])
 def test_model_on_the_kernel_matches_transformers(tmp_path, interpreted, text_model):
-    kw = dict(text_model="mistral", sliding_window=6) if text_model == "mistral" else {}
-    hf = make_hf_model(vision_layers=2, feature_layers=(-1, 0), **kw)
-    hf.save_pretrained(tmp_path)
-    inputs = right_padded(make_inputs(hf.config, batch=4, seq=20, left_pad=(0, 3, 1, 5)))
-    out, torch_grads = torch_loss_and_grads(hf, inputs)
-
-    model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path)
-    assert len(use_attention_kernel(model, "pallas")) == 2  # the decoder and the vision tower
-    batch = {k: jnp.asarray(v) for k, v in inputs.items()}
-    logits = jax.jit(lambda b: model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits)(batch)
-    real = inputs["attention_mask"] == 1
-    np.testing.assert_allclose(np.asarray(logits)[real], out.logits.detach().numpy()[real], atol=1e-4)
+    print(assert_model_on_kernel_matches_transformers(tmp_path, text_model, "pallas"))
     decoder_mask_type = "LocalMask" if text_model == "mistral" else "CausalMask"
     assert {m for m, *_ in interpreted} == {decoder_mask_type, "FullMask"}
-
-    mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
-    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps "pallas"
-    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
-    loss, grads, _ = fn(state.params, state.frozen, batch)
-    np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
-    worst = assert_grads_match(flatten(grads), torch_grads)
-    print(f"{text_model}: loss {float(loss):.6f} vs transformers {out.loss.item():.6f}; worst grad "
-          f"error / max |grad| {worst:.1e} over {len(flatten(grads))} tensors")
