@@ -115,15 +115,21 @@ def mesh_size(mesh_spec: str) -> int:
     return math.prod(int(size) for _, size in (a.split("=") for a in mesh_spec.split(",")))
 
 
-def compile_train(model_name: str, devices, batch: int, text_tokens: int, config: TrainConfig,
-                  mesh_spec: str = "data=1"):
-    """(compiled step, model FLOPs, devices used) of one train step, compiled for `devices`
-    (compile-only ones): benchmarks/train.py's step (bf16 compute, fp32 master weights and
-    AdamW state) on a mesh of them (`mesh_spec`, no -1), with every array abstract."""
+def abstract_bench_state(model_name: str, devices, config: TrainConfig, mesh_spec: str):
+    """(mesh, model config, graphdef, state, shardings) of benchmarks/train.py's model
+    (bf16 compute, fp32 master weights and AdamW state) on a mesh of `devices` (`mesh_spec`,
+    no -1), every array abstract (`abstract_train_state`)."""
     mesh = mesh_from_spec(mesh_spec, devices[:mesh_size(mesh_spec)])
     cfg = VipLlavaConfig.from_hf_dict(bench_config(model_name).to_dict())
     model = VipLlavaForConditionalGeneration.abstract(cfg, dtype="bfloat16", param_dtype="float32")
-    graphdef, state, shardings = abstract_train_state(model, config, mesh)
+    return (mesh, cfg, *abstract_train_state(model, config, mesh))
+
+
+def compile_train(model_name: str, devices, batch: int, text_tokens: int, config: TrainConfig,
+                  mesh_spec: str = "data=1"):
+    """(compiled step, model FLOPs, devices used) of one train step, compiled for `devices`
+    (compile-only ones): benchmarks/train.py's step on `abstract_bench_state`."""
+    mesh, cfg, graphdef, state, shardings = abstract_bench_state(model_name, devices, config, mesh_spec)
     t = 1 + image_tokens(cfg) + text_tokens
     size = cfg.vision_config.image_size
     rows = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=data_sharding(mesh))

@@ -37,25 +37,26 @@ import optax
 from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_hlo import compile_train, mesh_size  # noqa: E402
-from generate import DATASHEET, SHAPES, bench_config  # noqa: E402
+from gpu_hlo import abstract_bench_state, compile_train, mesh_size  # noqa: E402
+from generate import DATASHEET, SHAPES  # noqa: E402
 
-from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.config import VipLlavaConfig  # noqa: E402
-from vipllava_jax.training import TrainConfig, abstract_train_state, mesh_from_spec  # noqa: E402
+from vipllava_jax.training import TrainConfig  # noqa: E402
 from vipllava_jax.training.step import ATTENTION, make_optimizer  # noqa: E402
 
 # topology prefix -> HBM bytes per chip, from the data sheets (peaks: generate.DATASHEET)
 HBM = {"v5e": 16e9, "v5p": 95e9, "v6e": 32e9}
 
 
+def cost_of(compiled) -> dict:
+    """`compiled.cost_analysis()` as one dict (some jax versions wrap it in a list)."""
+    cost = compiled.cost_analysis()
+    return cost[0] if isinstance(cost, list) else cost
+
+
 def optimizer_estimate(model_name: str, devices, config: TrainConfig, mesh_spec: str) -> tuple[float, int]:
     """(XLA:TPU's estimate in seconds, trained parameters) of the train step's optimizer update
     alone (`make_optimizer(config)` on fp32 parameters and gradients sharded as in the step)."""
-    mesh = mesh_from_spec(mesh_spec, devices[:mesh_size(mesh_spec)])
-    cfg = VipLlavaConfig.from_hf_dict(bench_config(model_name).to_dict())
-    model = VipLlavaForConditionalGeneration.abstract(cfg, dtype="bfloat16", param_dtype="float32")
-    _, state, shardings = abstract_train_state(model, config, mesh)
+    *_, state, shardings = abstract_bench_state(model_name, devices, config, mesh_spec)
     opt = make_optimizer(config)
 
     def update(params, opt_state, grads):
@@ -63,9 +64,8 @@ def optimizer_estimate(model_name: str, devices, config: TrainConfig, mesh_spec:
         return optax.apply_updates(params, updates), opt_state
 
     step = jax.jit(update, out_shardings=(shardings.params, shardings.opt_state), donate_argnums=(0, 1))
-    cost = step.lower(state.params, state.opt_state, state.params).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return cost["optimal_seconds"], sum(x.size for x in jax.tree.leaves(state.params))
+    seconds = cost_of(step.lower(state.params, state.opt_state, state.params).compile())["optimal_seconds"]
+    return seconds, sum(x.size for x in jax.tree.leaves(state.params))
 
 
 def main():
@@ -95,8 +95,7 @@ def main():
         config = TrainConfig(stage="full", attention=attention, remat=args.remat)
         compiled, model_flops, chips = compile_train(args.model, devices, args.batch,
                                                      args.text_tokens, config, args.mesh)
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
+        cost = cost_of(compiled)
         memory = compiled.memory_analysis()
         seconds = cost["optimal_seconds"]
         used = memory.argument_size_in_bytes + memory.temp_size_in_bytes
@@ -111,7 +110,7 @@ def main():
         estimate = f"{seconds * 1e3:13.1f}{mfu:8.1%}" if seconds > 0 else f"{'n/a':>13}{'n/a':>8}"
         print(f"  {attention:10}{estimate}{flops / 1e12:9.2f}"
               f"{arguments / 1e9:9.2f}{temps / 1e9:10.2f}{used / hbm:8.0%}")
-    seconds, trained = optimizer_estimate(args.model, devices, config, args.mesh)
+    seconds, trained = optimizer_estimate(args.model, devices, TrainConfig(stage="full"), args.mesh)
     if seconds > 0:
         print(f"  of which the AdamW update alone ({trained / 1e9:.2f}B fp32 parameters): "
               f"{seconds * 1e3:.1f} ms")
