@@ -50,24 +50,23 @@ def qkv(b, t, n, kv, h):
     return [jax.random.normal(jax.random.key(i), (b, t, heads, h)) for i, heads in enumerate((n, kv, kv))]
 
 
-def dense_and_kernel_masks(lengths, t, causal, window):
-    """The dense `[B, 1, T, S]` mask of a right-padded batch and its `KeyLengths` for the kernel;
-    lengths None: the vision tower's form (every key real, not causal)."""
+def dense_and_kernel_masks(lengths, b, t, causal, window):
+    """(real tokens `[B, T]`, the dense `[B, 1, T, S]` mask, its `KeyLengths` for the kernel) of
+    a right-padded batch; lengths None: the vision tower's form (every key real, not causal)."""
     if lengths is None:
-        return None, KeyLengths(None, implementation="pallas")
+        return np.ones((b, t), bool), None, KeyLengths(None, implementation="pallas")
     real = np.arange(t)[None] < np.asarray(lengths)[:, None]
-    slots = jnp.broadcast_to(jnp.arange(t), (len(lengths), t))
+    slots = jnp.broadcast_to(jnp.arange(t), (b, t))
     dense = decoder_mask(jnp.asarray(real, jnp.int32), slots, slots, window)
-    return dense, KeyLengths(jnp.asarray(lengths, jnp.int32), causal=causal, sliding_window=window,
-                             implementation="pallas")
+    return real, dense, KeyLengths(jnp.asarray(lengths, jnp.int32), causal=causal, sliding_window=window,
+                                   implementation="pallas")
 
 
 def assert_kernel_matches_dense(q, k, v, lengths, causal=True, window=None, mesh=None):
     """Forward and q/k/v gradients of the kernel path equal the dense-mask `attention` on every
     query that is a real token; returns the largest differences (out, grads)."""
     b, t = q.shape[:2]
-    dense, kernel_mask = dense_and_kernel_masks(lengths, t, causal, window)
-    real = np.ones((b, t), bool) if lengths is None else np.arange(t)[None] < np.asarray(lengths)[:, None]
+    real, dense, kernel_mask = dense_and_kernel_masks(lengths, b, t, causal, window)
 
     def loss(mask):
         return lambda q, k, v: jnp.sum(jnp.where(real[:, :, None, None], attention(q, k, v, mask, 0.3), 0) ** 2)
