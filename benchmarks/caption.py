@@ -24,7 +24,7 @@ import torch
 
 
 def hf_model(tiny: bool):
-    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
     from transformers import VisionEncoderDecoderModel as HF
 
     if tiny:
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
 
-    from vipllava_jax.ved import VisionEncoderDecoderModel
+    from vipllava_jax.models.ved import VisionEncoderDecoderModel
 
     hf = hf_model(args.tiny)
     cfg = hf.config

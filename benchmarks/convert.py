@@ -77,8 +77,8 @@ def write_checkpoint(folder: Path, config: dict, max_shard_bytes: int) -> tuple[
     from flax import nnx
 
     from vipllava_jax.checkpoint.hf import write_hf_params
-    from vipllava_jax.config import VipLlavaConfig
-    from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+    from vipllava_jax.models.vipllava.config import VipLlavaConfig
+    from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
     cfg = VipLlavaConfig.from_hf_dict(config)
     state = nnx.state(VipLlavaForConditionalGeneration.abstract(cfg, param_dtype="bfloat16"), nnx.Param)
@@ -133,8 +133,8 @@ def full_size_counts() -> bool:
     import transformers
     from flax import nnx
 
-    from vipllava_jax.config import VipLlavaConfig
-    from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+    from vipllava_jax.models.vipllava.config import VipLlavaConfig
+    from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
     same = True
     for size in ("7b", "13b"):
@@ -188,7 +188,7 @@ def main() -> int:
               f"{'reused' if reuse else 'written'} in {time.perf_counter() - start:.1f} s")
 
         # What the interpreter and libraries alone take, for context.
-        base, _, _ = peak_rss_of([sys.executable, "-c", "import vipllava_jax.checkpoint, vipllava_jax.modeling"])
+        base, _, _ = peak_rss_of([sys.executable, "-c", "import vipllava_jax.checkpoint, vipllava_jax.models.vipllava.modeling"])
         peak, seconds, result = peak_rss_of([str(exe), "hf-to-orbax", str(src), str(dst)])
         if result.returncode != 0:
             print(result.stderr, file=sys.stderr)

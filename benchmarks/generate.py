@@ -29,8 +29,8 @@ import torch
 from flax import nnx
 
 from vipllava_jax import VipLlavaForConditionalGeneration
-from vipllava_jax import generate as gen
-from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.models.vipllava import generate as gen
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
 
 IMAGE_TOKEN = 32000
 TEXT_TOKENS = 32  # the prompt's text after BOS and the image tokens

@@ -8,7 +8,7 @@ Compiles a program of a random-shaped model in bf16 for the card described by `-
 deviceless compilation: a text-proto device description instead of a device), on abstract
 weights, so even the 7B shape compiles in seconds on a laptop:
 
-    decode  `vipllava_jax.generate._decode`, the whole `lax.while_loop`, batch `--batch` (1)
+    decode  `vipllava_jax.models.vipllava.generate._decode`, the whole `lax.while_loop`, batch `--batch` (1)
     train   `training.make_train_step` as benchmarks/train.py runs it on a GPU: stage "full",
             fp32 master weights, batch 8 x (1 + 576 image + 447 text) tokens for "1b"
 
@@ -51,13 +51,17 @@ sys.path.insert(0, str(HERE))
 from generate import DATASHEET, SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax import generate as gen  # noqa: E402
-from vipllava_jax.config import VipLlavaConfig  # noqa: E402
-from vipllava_jax.training import (  # noqa: E402
-    TrainConfig, abstract_train_state, data_sharding, make_train_step, mesh_from_spec,
+from vipllava_jax.models.vipllava import generate as gen  # noqa: E402
+from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
+from vipllava_jax.train import (  # noqa: E402
+    TrainConfig,
+    abstract_train_state,
+    data_sharding,
+    make_train_step,
+    mesh_from_spec,
 )
-from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
-from vipllava_jax.training.step import ATTENTION  # noqa: E402
+from vipllava_jax.train.flops import train_flops_per_token  # noqa: E402
+from vipllava_jax.train.config import ATTENTION  # noqa: E402
 
 NVLINK = 450e9  # bytes/s each way between H100/H200 SXM cards (NVLink 4: 900 GB/s both ways)
 COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")

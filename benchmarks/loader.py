@@ -1,6 +1,6 @@
 """Training-data loader throughput: records/s of `TrainDataLoader` inline, with worker threads
 and with worker processes, on the synthetic visual-prompt task's data (48 px PNGs, seven-turn
-conversations: `vipllava_jax.synthetic`), no model in the loop.
+conversations: `tools.synthetic`), no model in the loop.
 
     python benchmarks/loader.py [--scenes 2000] [--workers 2] [--batch 64] [--batches 60]
 
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vipllava_jax.processor import VipLlavaProcessor
-from vipllava_jax.synthetic import IMAGE_SIZE, write_dataset
-from vipllava_jax.training.data import TrainDataLoader
+from tools.synthetic import IMAGE_SIZE, write_dataset
+from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.train.data import TrainDataLoader
 
 
 def measure(data: Path, processor, workers: int, kind: str, batch: int, batches: int):

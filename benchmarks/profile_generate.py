@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import SHAPES, bench_config, prompt, random_model  # noqa: E402
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax import generate as gen  # noqa: E402
-from vipllava_jax.config import VipLlavaConfig  # noqa: E402
+from vipllava_jax.models.vipllava import generate as gen  # noqa: E402
+from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
 
 RUNTIME = ("$", "ThunkExecutor", "Slinky", "PjRt", "Thunk", "PjitFunction", "CommonPjRt", "ParseArguments")
 

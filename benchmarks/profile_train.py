@@ -22,11 +22,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import bench_config  # noqa: E402
 from profile_generate import op_times, print_op_times  # noqa: E402
-from train import make_batch  # noqa: E402
 
+from train import make_batch  # noqa: E402
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.training import (  # noqa: E402
-    TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
+from vipllava_jax.train import (  # noqa: E402
+    TrainConfig,
+    init_train_state,
+    make_train_step,
+    mesh_from_spec,
+    shard_batch,
 )
 
 

@@ -37,11 +37,12 @@ import optax
 from jax.experimental import topologies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_hlo import abstract_bench_state, compile_train, mesh_size  # noqa: E402
 from generate import DATASHEET, SHAPES  # noqa: E402
+from gpu_hlo import abstract_bench_state, compile_train, mesh_size  # noqa: E402
 
-from vipllava_jax.training import TrainConfig  # noqa: E402
-from vipllava_jax.training.step import ATTENTION, make_optimizer  # noqa: E402
+from vipllava_jax.train import TrainConfig  # noqa: E402
+from vipllava_jax.train.config import ATTENTION
+from vipllava_jax.train.step import make_optimizer  # noqa: E402
 
 # topology prefix -> HBM bytes per chip, from the data sheets (peaks: generate.DATASHEET)
 HBM = {"v5e": 16e9, "v5p": 95e9, "v6e": 32e9}

@@ -15,7 +15,7 @@ Stage "full": the projector, the decoder and lm_head are trained, the vision tow
 Prints seconds per step (min of --repeat after one warm-up step), tokens/s, the JAX / PyTorch
 ratio, and the fraction of this machine's matmul peak (jitted 2048x2048 fp32 matmul, measured
 in this run) reached by each, counting model FLOPs per step as vipllava-train does for its MFU
-(`training.loop.train_flops_per_token`: 6 per trained weight and token, 2 per frozen vision
+(`train.flops.train_flops_per_token`: 6 per trained weight and token, 2 per frozen vision
 weight and image token, plus attention, causal in the decoder), next to XLA's own count.
 All JAX steps run before the torch ones, not in turn: on a 2-core CPU the first JAX step after
 a torch step took 9.3 s against 6.2 s (also after a 2 s pause), so alternating them would
@@ -47,16 +47,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate import (  # noqa: E402
-    IMAGE_TOKEN, SHAPES, bench_config, datasheet, image_tokens, machine_roofline, random_model,
+    IMAGE_TOKEN,
+    SHAPES,
+    bench_config,
+    datasheet,
+    image_tokens,
+    machine_roofline,
+    random_model,
 )
 
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.config import VipLlavaConfig  # noqa: E402
-from vipllava_jax.training import (  # noqa: E402
-    TrainConfig, init_train_state, make_train_step, mesh_from_spec, shard_batch,
+from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
+from vipllava_jax.train import (  # noqa: E402
+    TrainConfig,
+    init_train_state,
+    make_train_step,
+    mesh_from_spec,
+    shard_batch,
 )
-from vipllava_jax.training.loop import train_flops_per_token  # noqa: E402
-from vipllava_jax.training.step import ATTENTION  # noqa: E402
+from vipllava_jax.train.flops import train_flops_per_token  # noqa: E402
+from vipllava_jax.train.config import ATTENTION  # noqa: E402
+
 
 def make_batch(batch: int, text_tokens: int, config, seed: int = 0):
     n_img, size = image_tokens(config), config.vision_config.image_size

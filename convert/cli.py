@@ -1,6 +1,6 @@
 """`vipllava-convert`: HF VipLlava or vision-encoder-decoder folder <-> Orbax folder.
 
-The folder's config.json model_type picks the model; the logic is in vipllava_jax.checkpoint.
+The folder's config.json model_type picks the model; the logic is in conversions.py.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     args = parser.parse_args(argv)
 
-    from vipllava_jax import checkpoint  # after argument parsing: --help stays fast
+    from vipllava_jax.convert import conversions  # after argument parsing: --help stays fast
 
     try:
         if args.command == "hf-to-orbax":
-            out = checkpoint.hf_to_orbax(args.src, args.dst, dtype=args.dtype,
+            out = conversions.hf_to_orbax(args.src, args.dst, dtype=args.dtype,
                                          overwrite=args.overwrite, progress=True)
         else:
-            out = checkpoint.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
+            out = conversions.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
                                          max_shard_bytes=int(args.max_shard_size * 2**30),
                                          progress=True)
     except (VipLlavaError, OSError) as e:  # OSError: unreadable SRC, unwritable DST, disk full

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
+from vipllava_jax.models.vipllava.mapping import canonical_key, hf_key_for
 
 IMAGE_TOKEN = 100
 VOCAB = 128
@@ -260,8 +260,8 @@ def traced_and_estimated_flops(model, stage, batch, text_config) -> tuple[int, f
     import jax
     import jax.numpy as jnp
 
-    from vipllava_jax.training import TrainConfig, init_train_state, loss_and_grads, mesh_from_spec
-    from vipllava_jax.training.loop import train_flops_per_token
+    from vipllava_jax.train import TrainConfig, init_train_state, loss_and_grads, mesh_from_spec
+    from vipllava_jax.train.flops import train_flops_per_token
 
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     graphdef, state, _ = init_train_state(model, TrainConfig(stage=stage), mesh)

@@ -3,10 +3,10 @@
 import json
 
 import pytest
-
 from conftest import tiny_config
+
 from vipllava_jax import ConfigError, VipLlavaConfig
-from vipllava_jax.config import TextConfig
+from vipllava_jax.models.vipllava.config import TextConfig
 
 
 def test_reads_what_transformers_writes(tmp_path):

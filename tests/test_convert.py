@@ -25,7 +25,7 @@ from flax import nnx
 
 from vipllava_jax.checkpoint import MARKER, PARAMS_DIR
 from vipllava_jax.convert.cli import main
-from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
 SIDE_FILES = {
     "tokenizer_config.json": json.dumps({"model_max_length": 4096, "padding_side": "left"}),

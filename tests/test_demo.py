@@ -5,7 +5,7 @@ import re
 import PIL.Image
 import pytest
 
-from vipllava_jax.demo import DEMO_IMAGE, main
+from vipllava_jax.commands.demo import DEMO_IMAGE, main
 
 
 def test_demo_marks_the_bundled_scene_answers_and_matches_transformers(capsys, tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.evaluate import format_table, load_questions, normalize, score, summarize
+from vipllava_jax.evaluation.evaluate import format_table, load_questions, normalize, score, summarize
 
 
 def test_exact_match_is_normalised():

@@ -13,9 +13,10 @@ import pytest
 import torch
 from flax import nnx
 
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for, hf_shape
-from vipllava_jax.config import VipLlavaConfig
-from vipllava_jax.modeling import VipLlavaForConditionalGeneration
+from vipllava_jax.checkpoint.mapping import hf_shape
+from vipllava_jax.models.vipllava.mapping import canonical_key, hf_key_for
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
 
 def vip_llava_config(size: str) -> dict:

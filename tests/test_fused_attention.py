@@ -12,17 +12,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import assert_grads_match, make_hf_model, make_inputs, tiny_config, torch_loss_and_grads
+
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
-from vipllava_jax.config import VipLlavaConfig
-from vipllava_jax.layers import KeyLengths, attention, attention_stacks, use_attention_kernel
-from vipllava_jax.llama import decoder_mask
-from vipllava_jax.training import (
-    TrainConfig, init_train_state, loss_and_grads, make_train_step, mesh_from_spec, shard_batch,
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.nn.layers import KeyLengths, attention, attention_stacks, decoder_mask, use_attention_kernel
+from vipllava_jax.train import (
+    TrainConfig,
+    init_train_state,
+    loss_and_grads,
+    make_train_step,
+    mesh_from_spec,
+    shard_batch,
 )
-from vipllava_jax.training.step import _use_attention
+from vipllava_jax.train.step import _use_attention
 
 
 def right_padded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -4,10 +4,10 @@ import jax
 import numpy as np
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN, jaxpr_eqns, make_hf_model, make_inputs
+
 from vipllava_jax import VipLlavaError, VipLlavaForConditionalGeneration
-from vipllava_jax import generate as gen
+from vipllava_jax.models.vipllava import generate as gen
 
 
 def load_pair(tmp_path, **shape):
@@ -173,9 +173,9 @@ def test_cpu_decode_of_larger_batches_skips_ynn_fusions(llama):
     if jax.default_backend() != "cpu":
         pytest.skip("a CPU-only choice")
     hf, model = llama
-    before = gen._decode_plain_dots._cache_size()
+    before = gen.decode_plain_dots._cache_size()
     model.generate(**prompts(hf.config, batch=4, seq=15, left_pad=(0, 1)), max_new_tokens=3, eos_token_id=[])
-    assert gen._plain_dots_ok[0] and gen._decode_plain_dots._cache_size() >= max(before, 1)
+    assert gen.plain_dots_supported() and gen.decode_plain_dots._cache_size() >= max(before, 1)
 
 
 def test_prompt_buckets_reuse_the_compiled_program(llama):
@@ -218,7 +218,7 @@ def test_generate_on_a_mesh_matches_single_device(tmp_path):
     import jax
 
     from vipllava_jax import make_mesh
-    from vipllava_jax.checkpoint import hf_to_orbax
+    from vipllava_jax.convert import hf_to_orbax
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")

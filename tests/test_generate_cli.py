@@ -5,13 +5,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from conftest import IMAGE_TOKEN, make_hf_model, make_word_tokenizer
-from vipllava_jax.checkpoint import hf_to_orbax
+
+from vipllava_jax.convert import hf_to_orbax
+from vipllava_jax.commands.generate import main
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.generate_cli import main
-from vipllava_jax.processor import VipLlavaProcessor
-from vipllava_jax.prompts import build_prompt
+from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.processing.prompts import build_prompt
 
 QUESTION = "What is inside the red rectangle ?"
 
@@ -62,7 +62,7 @@ def test_cli_bad_image_path_is_one_clear_line(converted, capsys):
 def test_cli_marker_draws_saves_and_answers(converted, capsys, tmp_path):
     """--marker/--box/--color draw on the image before asking; --save-marked writes exactly the
     image the model saw, and the answer equals transformers' on that marked image."""
-    from vipllava_jax.visual_prompts import VisualPrompt, draw_visual_prompt
+    from vipllava_jax.processing.visual_prompts import VisualPrompt, draw_visual_prompt
 
     hf, root, image = converted
     saved = tmp_path / "marked.png"

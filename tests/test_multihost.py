@@ -11,9 +11,9 @@ import sys
 import textwrap
 
 import pytest
-
 from test_train_loop import run_config, workspace  # noqa: F401  (the fixture)
-from vipllava_jax.training.loop import train
+
+from vipllava_jax.train.loop import train
 
 WORKER = textwrap.dedent('''
     import json, os, sys
@@ -28,7 +28,7 @@ WORKER = textwrap.dedent('''
                                    process_id=pid, initialization_timeout=120)
     assert jax.process_count() == nprocs and jax.device_count() == 8, (jax.process_count(), jax.devices())
     import dataclasses
-    from vipllava_jax.training.loop import RunConfig, train
+    from vipllava_jax.train import RunConfig, train
     cfg = RunConfig.from_dict(json.loads(cfg_json))
     history = []
     if stop_after:  # stop as if killed, then resume from the last complete checkpoint

@@ -10,11 +10,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from vipllava_jax.config import VipLlavaConfig
 from vipllava_jax.errors import ConfigError, VipLlavaError
-from vipllava_jax.processor import CLIPImagePreprocessor, VipLlavaProcessor
-from vipllava_jax.prompts import build_prompt
-from vipllava_jax.visual_prompts import VisualPrompt, VisualPromptError, draw_visual_prompts
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.processing.processor import CLIPImagePreprocessor, VipLlavaProcessor
+from vipllava_jax.processing.prompts import build_prompt
+from vipllava_jax.processing.visual_prompts import VisualPrompt, VisualPromptError, draw_visual_prompts
 
 IMAGE_SIZE = 42  # patch 14 -> 3 x 3 = 9 image tokens
 PATCH = 14

@@ -1,14 +1,15 @@
 """The synthetic visual-prompt task: deterministic files, disjoint splits, twins that differ."""
 
 import hashlib
+from pathlib import Path
 import json
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from vipllava_jax import synthetic
-from vipllava_jax.synthetic import CATEGORIES, QUESTIONS, Scene, SceneObject, answer, write_dataset
+from tools import synthetic
+from tools.synthetic import CATEGORIES, QUESTIONS, Scene, SceneObject, answer, write_dataset
 
 
 def _digest(folder):
@@ -107,7 +108,7 @@ def test_answers_follow_the_marked_object():
 def test_tokenizer_covers_both_templates_without_unk(dataset):
     from transformers import AutoTokenizer
 
-    from vipllava_jax.prompts import build_prompt
+    from vipllava_jax.processing.prompts import build_prompt
 
     tok = AutoTokenizer.from_pretrained(dataset[0] / "a" / "tokenizer")
     assert tok.convert_ids_to_tokens(list(range(5))) == ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
@@ -120,7 +121,7 @@ def test_tokenizer_covers_both_templates_without_unk(dataset):
 
 
 def test_markers_are_drawn_at_the_training_canvas_size():
-    from vipllava_jax.visual_prompts import VisualPrompt
+    from vipllava_jax.processing.visual_prompts import VisualPrompt
 
     assert synthetic.MARKER_CANVAS == 24  # 48 px scenes: lines 2 px wide (1 px on the canvas)
     edge = synthetic.IMAGE_SIZE // synthetic.MARKER_CANVAS
@@ -232,7 +233,7 @@ def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(t
     one's colour); `constant_markers` draws that share of the training markers as the held-out
     splits do: alpha 128, so each pixel under the marker is the half-way blend of the marker's
     colour and the scene's; `task_aux=False` leaves the auxiliary questions out of train."""
-    from vipllava_jax.visual_prompts import COLORS
+    from vipllava_jax.processing.visual_prompts import COLORS
 
     write_dataset(tmp_path, train=80, val=2, test=2, color=80, color_count=0.5, constant_markers=0.5,
                   task_aux=False)
@@ -271,9 +272,8 @@ def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(t
 def _experiment_tool():
     import importlib.util
 
-    from vipllava_jax.demo import ASSETS
-
-    spec = importlib.util.spec_from_file_location("experiment", ASSETS / "tiny_vipllava" / "experiment.py")
+    spec = importlib.util.spec_from_file_location(
+        "experiment", Path(__file__).parent.parent / "tools" / "tiny_vipllava" / "experiment.py")
     experiment = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(experiment)
     return experiment
@@ -297,9 +297,9 @@ def test_recipe_experiment_shape_probe_reads_the_objects_cells():
     """experiment.py's `shape_probe` (the tower diagnosis) reads the shipped model's tokens of
     the objects' cells: unmarked shapes well above chance (1/3; measured 84% with 400 scenes)."""
     from vipllava_jax import VipLlavaForConditionalGeneration, VipLlavaProcessor
-    from vipllava_jax.demo import ASSETS
+    from vipllava_jax.embedded import EMBEDDED_MODEL
 
-    path = ASSETS / "tiny_vipllava" / "model"
+    path = EMBEDDED_MODEL
     probes = _experiment_tool().shape_probe(VipLlavaForConditionalGeneration.from_pretrained(path),
                                             VipLlavaProcessor.from_pretrained(path), scenes=400)
     assert set(probes) == {"marked", "unmarked", "transfer"}

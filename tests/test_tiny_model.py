@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from vipllava_jax.demo import ASSETS, EMBEDDED_MODEL
-from vipllava_jax.evaluate import cut_answer, evaluate, load_questions, stop_tokens
-from vipllava_jax.processor import VipLlavaProcessor
-from vipllava_jax.prompts import build_prompt
-from vipllava_jax.synthetic import CATEGORIES
+from tools.synthetic import CATEGORIES
+from vipllava_jax.embedded import EMBEDDED_MODEL, EMBEDDED_TEST_SPLIT
+from vipllava_jax.evaluation.evaluate import evaluate, load_questions
+from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.processing.prompts import build_prompt, cut_answer, stop_tokens
 
-TEST_SPLIT = ASSETS / "tiny_vipllava" / "test" / "test.jsonl"
+TEST_SPLIT = EMBEDDED_TEST_SPLIT
 N = 64  # the first 32 marked-twin pairs, all five categories
 
 

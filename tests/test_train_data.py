@@ -11,9 +11,9 @@ import pytest
 from conftest import IMAGE_TOKEN, make_word_tokenizer
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.processor import VipLlavaProcessor
-from vipllava_jax.prompts import TEMPLATES, build_prompt
-from vipllava_jax.training.data import (
+from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.processing.prompts import TEMPLATES, build_prompt
+from vipllava_jax.train.data import (
     IGNORE_INDEX,
     ConversationEncoder,
     TrainDataLoader,

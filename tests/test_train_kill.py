@@ -14,9 +14,9 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 from jax._src import compilation_cache
-
 from test_train_loop import run_config, workspace  # noqa: F401  (workspace is a fixture)
-from vipllava_jax.training.loop import train
+
+from vipllava_jax.train.loop import train
 
 STEPS = 8
 SAVE_EVERY = 2

@@ -4,18 +4,21 @@ import json
 import struct
 
 import jax
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from conftest import make_hf_model, make_word_tokenizer
-from vipllava_jax.checkpoint import hf_to_orbax, orbax_to_hf
-from vipllava_jax.prompts import build_prompt
-from vipllava_jax.modeling import VipLlavaForConditionalGeneration as JaxModel
-from vipllava_jax.training.loop import (
-    RunConfig, TrainingError, export_trained_model, load_trained_model, train,
+
+from vipllava_jax.convert import hf_to_orbax, orbax_to_hf
+from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration as JaxModel
+from vipllava_jax.processing.prompts import build_prompt
+from vipllava_jax.train import (
+    RunConfig,
+    TrainingError,
+    export_trained_model,
+    load_trained_model,
+    train,
 )
 
 QUESTIONS = ["What is inside the red rectangle ?", "What does the arrow point at ?"]

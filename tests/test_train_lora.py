@@ -12,17 +12,18 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import make_hf_model, make_inputs
 from flax import nnx
 from torch.nn.utils import parametrize
 
-from conftest import make_hf_model, make_inputs
 from vipllava_jax import VipLlavaForConditionalGeneration
-from vipllava_jax.checkpoint import flatten, orbax_to_hf
-from vipllava_jax.checkpoint.mapping import canonical_key, hf_key_for
-from vipllava_jax.training import TrainConfig, init_train_state, loss_and_grads, make_train_step
-from vipllava_jax.training.lora import LoRALinear, add_lora, merge_lora
-from vipllava_jax.training.mesh import mesh_from_spec, shard_batch
-from vipllava_jax.training.step import trainable_filter
+from vipllava_jax.checkpoint import flatten
+from vipllava_jax.convert import orbax_to_hf
+from vipllava_jax.models.vipllava.mapping import canonical_key, hf_key_for
+from vipllava_jax.train import TrainConfig, init_train_state, loss_and_grads, make_train_step
+from vipllava_jax.train.lora import LoRALinear, add_lora, merge_lora
+from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
+from vipllava_jax.train.step import trainable_filter
 
 RANK, ALPHA = 4, 8.0
 CONFIG = TrainConfig(learning_rate=1e-3, eps=1e-6, stage="lora", lora_rank=RANK, lora_alpha=ALPHA,

@@ -16,19 +16,30 @@ import numpy as np
 import optax
 import pytest
 import torch
+from conftest import (
+    assert_grads_match,
+    make_hf_model,
+    make_inputs,
+    torch_loss_and_grads,
+    traced_and_estimated_flops,
+)
 from flax import nnx
 
-from conftest import (
-    assert_grads_match, make_hf_model, make_inputs, torch_loss_and_grads, traced_and_estimated_flops,
-)
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
-from vipllava_jax.sharding import logical_to_spec
-from vipllava_jax.training import (
-    TrainConfig, init_train_state, learning_rate_schedule, loss_and_grads, make_optimizer,
-    make_train_step, mesh_from_spec, parse_mesh_spec, shard_batch,
+from vipllava_jax.nn.sharding import logical_to_spec
+from vipllava_jax.train import (
+    TrainConfig,
+    init_train_state,
+    learning_rate_schedule,
+    loss_and_grads,
+    make_optimizer,
+    make_train_step,
+    mesh_from_spec,
+    parse_mesh_spec,
+    shard_batch,
 )
-from vipllava_jax.training.step import _micro_batches
+from vipllava_jax.train.step import micro_batches
 
 BATCH = 8
 CONFIG = TrainConfig(learning_rate=1e-3, eps=1e-6, weight_decay=0.01, max_grad_norm=1.0)
@@ -152,7 +163,7 @@ def test_lr_multipliers_scale_their_submodules_updates(tiny):
 def test_micro_batches_are_strided_and_images_follow_their_rows():
     rows = np.arange(8)[:, None] * np.ones((1, 3), int)
     batch = {"input_ids": rows, "labels": rows, "pixel_values": np.arange(16)}
-    micro = _micro_batches(batch, 4)  # two images per row: row r has images 2r, 2r+1
+    micro = micro_batches(batch, 4)  # two images per row: row r has images 2r, 2r+1
     np.testing.assert_array_equal(micro["input_ids"][:, :, 0], [[0, 4], [1, 5], [2, 6], [3, 7]])
     np.testing.assert_array_equal(micro["labels"], micro["input_ids"])
     np.testing.assert_array_equal(micro["pixel_values"][1], [2, 3, 10, 11])

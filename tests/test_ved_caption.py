@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from vipllava_jax.ved import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+from vipllava_jax.models.ved import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
 
 PAD, START, EOS = 0, 1, 2
 WORDS = {"dark": 3, "light": 4, "red": 5, "green": 6, "blue": 7, "yellow": 8}

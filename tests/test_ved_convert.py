@@ -16,7 +16,7 @@ from test_ved_parity import ATOL, caption_labels, hf_veds, images, torch_out  # 
 
 from vipllava_jax.checkpoint import MARKER
 from vipllava_jax.convert.cli import main
-from vipllava_jax.ved import VisionEncoderDecoderModel
+from vipllava_jax.models.ved import VisionEncoderDecoderModel
 
 
 def convert(*args) -> int:

@@ -15,7 +15,7 @@ from conftest import jaxpr_eqns
 from test_ved_parity import PAD, START, VOCAB, hf_veds, images  # noqa: F401 (fixture)
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.ved import VisionEncoderDecoderModel
+from vipllava_jax.models.ved import VisionEncoderDecoderModel
 
 MAX_NEW = 10
 
@@ -110,8 +110,8 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
     cache made XLA copy it at every step; only the greedy/sampled pick may branch."""
     import jax
 
-    from vipllava_jax.generate import SamplingParams
-    from vipllava_jax.ved import generate as vg
+    from vipllava_jax.models.ved import generate as vg
+    from vipllava_jax.models.vipllava.generate import SamplingParams
 
     _, ours, px, _ = gpt2
     if beams == 1:

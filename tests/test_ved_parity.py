@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.ved import VisionEncoderDecoderModel, shift_tokens_right
+from vipllava_jax.models.ved import VisionEncoderDecoderModel, shift_tokens_right
 
 VOCAB = 61
 START, PAD = 1, 0
@@ -28,7 +28,7 @@ SHAPES = {
 
 
 def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True):
-    from transformers import BertConfig, DeiTConfig, GPT2Config, ViTConfig, VisionEncoderDecoderConfig
+    from transformers import BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     enc_cls = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
     enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -116,7 +116,7 @@ def test_decoder_inputs_and_attention_mask(hf_veds):
 
 def test_sharded_restore_on_a_mesh(hf_veds):
     """Parameters restored straight onto a data x fsdp x tensor mesh by the logical axis rules."""
-    from vipllava_jax.sharding import make_mesh
+    from vipllava_jax.nn.sharding import make_mesh
 
     hf, path = hf_veds("vit_bert_proj")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from vipllava_jax.errors import VipLlavaError
-from vipllava_jax.visual_prompts import (
+from vipllava_jax.processing.visual_prompts import (
     COLORS,
     MARKERS,
     VisualPrompt,

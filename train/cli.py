@@ -1,4 +1,4 @@
-"""`vipllava-train --config run.toml [key=value ...]`: fine-tune VipLlava (logic: vipllava_jax.training)."""
+"""`vipllava-train --config run.toml [key=value ...]`: fine-tune VipLlava (logic: vipllava_jax.train)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 train.learning_rate=1e-4")
     args = p.parse_args(argv)
 
-    from vipllava_jax.training.loop import RunConfig, train
+    from vipllava_jax.train import RunConfig, train
 
     try:
         train(RunConfig.from_file(args.config, args.overrides))

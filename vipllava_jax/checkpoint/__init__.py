@@ -1,4 +1,4 @@
-"""Checkpoints: HF folders <-> our parameters <-> Orbax folders.
+"""Reading and writing weights: HF folders <-> our parameters <-> Orbax folders, for any family.
 
 An Orbax folder written here holds:
 
@@ -24,12 +24,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from vipllava_jax.checkpoint.hf import is_weight_file, read_hf_params, write_hf_params
-from vipllava_jax.checkpoint.mapping import VIPLLAVA, KeyMapping
-from vipllava_jax.config import VipLlavaConfig
+from vipllava_jax.checkpoint.mapping import KeyMapping
 from vipllava_jax.errors import CheckpointError
-from vipllava_jax.sharding import LOGICAL_AXIS_RULES, state_shardings
-from vipllava_jax.ved.config import MODEL_TYPE as VED_MODEL_TYPE
-from vipllava_jax.ved.config import read_model_type
+from vipllava_jax.nn.sharding import LOGICAL_AXIS_RULES, state_shardings
 
 MARKER = "vipllava_jax.json"
 PARAMS_DIR = "params"
@@ -154,19 +151,11 @@ def restore_params(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[
 
 # -- models ------------------------------------------------------------------------------------
 
-def load_model(cls, path, *, dtype="float32", param_dtype=None, mesh=None, rules=None):
-    """See `VipLlavaForConditionalGeneration.from_pretrained`."""
+def load_into(abstract, path: str | Path, *, param_dtype, mapping: KeyMapping, tied_head: bool,
+              mesh=None, rules=None):
+    """An abstract model (`Model.abstract(...)`) filled from an Orbax or an HF folder, each
+    parameter in `param_dtype`, sharded on `mesh` by the logical-axis rules if given."""
     path = Path(path)
-    config = VipLlavaConfig.from_pretrained(path)
-    param_dtype = jnp.dtype(param_dtype or dtype)
-    abstract = cls.abstract(config, dtype=dtype, param_dtype=param_dtype)
-    return load_into(abstract, path, param_dtype=param_dtype, mesh=mesh, rules=rules,
-                     tied_head=config.text_config.tie_word_embeddings)
-
-
-def load_into(abstract, path: Path, *, param_dtype, mesh=None, rules=None, tied_head: bool,
-              mapping: KeyMapping = VIPLLAVA):
-    """An abstract model (`Model.abstract(...)`) filled from an Orbax or an HF folder."""
     graphdef, state = nnx.split(abstract)
     flat = flat_state(state)
     if mesh is not None:
@@ -209,7 +198,7 @@ def save_model(model, path, *, overwrite=False) -> None:
         write_orbax_folder(tmp, params, model.config, dtype)
 
 
-def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping = VIPLLAVA, overwrite=False,
+def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping, overwrite=False,
                     max_shard_bytes=5 * 2**30, progress=False) -> Path:
     """`model`'s weights as safetensors (names from `mapping`) + config.json in the weights'
     dtype, with the tokenizer and processor files of `side_files_from`, written atomically."""
@@ -219,69 +208,13 @@ def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping = VIPLLA
     with atomic_output(dst, overwrite=overwrite) as tmp:
         write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=mapping)
         model.config.save_pretrained(tmp, dtype=dtype)
-        _copy_side_files(Path(side_files_from), tmp)
+        copy_side_files(Path(side_files_from), tmp)
     return dst
 
 
-# -- the two conversions -----------------------------------------------------------------------
-
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
     """Tokenizer, processor and generation files travel with the weights."""
     skip = {"config.json", MARKER}
     for f in src.iterdir():
         if f.is_file() and f.name not in skip and not is_weight_file(f.name) and not f.name.startswith("."):
             shutil.copy2(f, dst / f.name)
-
-
-def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Path:
-    """Converts an HF VipLlava (or vision-encoder-decoder) folder to an Orbax folder; returns
-    the destination."""
-    from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
-
-    src, dst = Path(src), Path(dst)
-    if read_model_type(src) == VED_MODEL_TYPE:
-        from vipllava_jax.ved.checkpoint import ved_hf_to_orbax
-
-        return ved_hf_to_orbax(src, dst, dtype=dtype, overwrite=overwrite, progress=progress)
-    config = VipLlavaConfig.from_pretrained(src)
-    dtype = normalize_dtype(dtype or config.dtype)
-    _, state = nnx.split(Model.abstract(config, param_dtype=dtype))
-    expected = {
-        k: jax.ShapeDtypeStruct(v.get_value().shape, dtype) for k, (_, v) in flat_state(state).items()
-    }
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        # Each tensor goes straight to a jax array in the target dtype (one copy of the model).
-        params = read_hf_params(
-            src, expected, tied_head=config.text_config.tie_word_embeddings, progress=progress,
-            convert=lambda _, a: jnp.asarray(np.asarray(a, dtype)),
-        )
-        write_orbax_folder(tmp, params, config, dtype)
-        del params
-        _copy_side_files(src, tmp)
-    return dst
-
-
-def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progress=False) -> Path:
-    """Converts an Orbax folder, or a training run's output folder (its latest complete
-    checkpoint), back to a folder transformers loads."""
-    src, dst = Path(src), Path(dst)
-    is_training_run = (src / "run_config.json").is_file()  # (it holds the model's files too)
-    if is_orbax_folder(src) and not is_training_run and read_model_type(src) == VED_MODEL_TYPE:
-        from vipllava_jax.ved.checkpoint import ved_orbax_to_hf
-
-        return ved_orbax_to_hf(src, dst, overwrite=overwrite, max_shard_bytes=max_shard_bytes, progress=progress)
-    if not is_orbax_folder(src) and not is_training_run:
-        raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")
-    mapping = VIPLLAVA
-    if is_training_run:
-        from vipllava_jax.training.loop import load_trained_model
-
-        model = load_trained_model(src)
-        if read_model_type(src) == VED_MODEL_TYPE:
-            from vipllava_jax.ved.checkpoint import VED_MAPPING as mapping
-    else:
-        from vipllava_jax.modeling import VipLlavaForConditionalGeneration as Model
-
-        model = Model.from_pretrained(src, dtype=VipLlavaConfig.from_pretrained(src).dtype)
-    return write_hf_folder(model, src, dst, mapping=mapping, overwrite=overwrite,
-                           max_shard_bytes=max_shard_bytes, progress=progress)

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from vipllava_jax.checkpoint.mapping import VIPLLAVA, KeyMapping, hf_shape
+from vipllava_jax.checkpoint.mapping import KeyMapping, hf_shape
 from vipllava_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from vipllava_jax.errors import CheckpointError
 
@@ -98,7 +98,7 @@ def read_hf_params(
     tied_head: bool,
     convert: Callable[[str, np.ndarray], object] | None = None,
     progress: bool = False,
-    mapping: KeyMapping = VIPLLAVA,
+    mapping: KeyMapping,
 ) -> dict[str, object]:
     """Reads an HF folder into our parameter paths.
 
@@ -107,7 +107,7 @@ def read_hf_params(
       tied_head: the model ties its head to the embeddings, so a stored head is skipped.
       convert: applied to each tensor once it is in our layout (cast, device_put); each
         source tensor is released before the next is read, so memory peaks near one copy.
-      mapping: the model family's name table (default VipLlava's).
+      mapping: the model family's name table.
     """
     table = open_hf_weights(folder)
     wanted = {}
@@ -147,7 +147,7 @@ def write_hf_params(
     *,
     max_shard_bytes: int = 5 * 2**30,
     progress: bool = False,
-    mapping: KeyMapping = VIPLLAVA,
+    mapping: KeyMapping,
 ) -> None:
     """Writes our parameters as transformers 5.x safetensors (sharded above max_shard_bytes)."""
     folder = Path(folder)

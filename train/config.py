@@ -1,0 +1,172 @@
+"""What a training run is told: the run (`RunConfig`, a TOML file + key=value overrides) and
+its optimizer and step settings (`TrainConfig`, the run config's [train] table)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.registry import STAGES
+from vipllava_jax.train import lora
+
+# Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no rematerialisation: every activation is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+# TrainConfig.attention choices (see `_use_attention`).
+ATTENTION = ("auto", "xla", "cudnn", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and step settings.
+
+    Attributes:
+      learning_rate: peak learning rate, reached after `warmup_steps` (linear from 0), then
+        cosine decay to 0 at `total_steps`.
+      weight_decay: AdamW decoupled weight decay, applied to matrices only (kernels and
+        embeddings), not to biases and norm scales (as transformers' Trainer).
+      max_grad_norm: gradients are clipped to this global norm before AdamW.
+      grad_accum: micro-batches per step; the global batch size must be a multiple.
+      stage: what is trained, a name from the model's `train_stages`. VipLlava:
+        "projector" (stage 1: projector only), "full" (stage 2: projector, decoder and
+        lm_head), "lora" (projector + LoRA adapters on the decoder's projections, the
+        decoder's own weights frozen: optimizer state and gradients only for the adapters),
+        all with the vision tower frozen; or "all" (everything, for a model trained from
+        scratch). VisionEncoderDecoder: "decoder" (projection + decoder) or "all".
+      lora_rank, lora_alpha, lora_targets: the adapters of stage "lora": rank r, scale
+        alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
+      remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
+        in the backward pass (`REMAT_POLICIES`).
+      attention: the kernel of the decoder's and vision tower's attention. "xla": XLA's
+        softmax(QK^T)V from a dense mask, which materialises every layer's [B, N, T, T]
+        scores; "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute; the
+        batch must be right-padded, as the training loaders make it); "pallas": JAX's Pallas
+        splash-attention kernel for TPUs (any dtype; right-padded batches too; causal,
+        sliding-window and full masks; GQA as it is); "auto": "cudnn" where
+        the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, "pallas" on TPUs,
+        else "xla". The ~1B train step compiled for an H200 (benchmarks/gpu_hlo.py --program
+        train) needs at least 153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with
+        "cudnn"; for TPUs see benchmarks/tpu_hlo.py.
+      lr_multipliers: {top-level submodule: factor}: that submodule's updates (learning rate
+        and weight decay alike) times the factor, e.g. `{"vision_tower": 0.1}` (LLaVA-NeXT's
+        separate vision tower learning rate). Names must be trained by the stage.
+    """
+
+    learning_rate: float = 2e-5
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    stage: str = "full"
+    remat: str = "none"
+    attention: str = "auto"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = lora.TARGETS
+    lr_multipliers: tuple[tuple[str, float], ...] = ()  # a dict is accepted (and converted)
+
+    def __post_init__(self):
+        multipliers = dict(self.lr_multipliers)
+        if any(not isinstance(f, (int, float)) or f < 0 for f in multipliers.values()):
+            raise ValueError(
+                f"lr_multipliers must map submodule names to factors >= 0, got {multipliers}")
+        multipliers = tuple(sorted((str(k), float(f)) for k, f in multipliers.items()))
+        object.__setattr__(self, "lr_multipliers", multipliers)  # hashable, like the other fields
+        if self.stage not in STAGES:  # checked against the model by init_train_state
+            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {self.stage!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        object.__setattr__(self, "lora_targets", lora.check_targets(self.lora_targets))
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not 0 <= self.warmup_steps <= self.total_steps:
+            raise ValueError(
+                f"need 0 <= warmup_steps <= total_steps, got {self.warmup_steps}, {self.total_steps}"
+            )
+
+
+class TrainingError(VipLlavaError):
+    """The run cannot go on (non-finite loss, bad configuration)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A training run. `train` holds the optimizer and step settings (`TrainConfig`)."""
+
+    model: str  # an Orbax folder from vipllava-convert (or an HF folder) with tokenizer files
+    data: str  # LLaVA-format JSON or JSONL
+    output_dir: str
+    image_folder: str | None = None
+    mesh: str = "data=-1"
+    batch_size: int = 8  # global: each of the jax.process_count() processes loads its share
+    max_length: int = 1024
+    template: str = "vipllava"
+    seed: int = 0
+    steps: int = 1000
+    save_every: int = 100
+    keep: int = 3
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"  # master weights
+    strict: bool = False
+    num_workers: int = 4
+    worker_type: str = "threads"  # or "processes" (see training.data: they pay on many cores)
+    log_every: int = 1
+    tensorboard: bool = True  # also write TensorBoard event files to output_dir/tensorboard
+    peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
+    stop_after: int | None = None  # stop early at this step (as if killed), for tests
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        train = d.pop("train", {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise TrainingError(f"unknown config keys: {unknown}")
+        train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(train) - train_fields)
+        if unknown:
+            raise TrainingError(f"unknown [train] keys: {unknown}")
+        train.setdefault("total_steps", d.get("steps", 1000))
+        try:
+            return cls(**d, train=TrainConfig(**train))
+        except (TypeError, ValueError) as e:
+            raise TrainingError(f"bad config: {e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
+        """A TOML file, then `key=value` overrides (`train.learning_rate=1e-4`, `steps=10`)."""
+        d = tomllib.loads(Path(path).read_text())
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise TrainingError(f"override {item!r} is not key=value")
+            try:
+                value = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                value = raw  # a bare string
+            *parents, leaf = key.split(".")
+            node = d
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return cls.from_dict(d)

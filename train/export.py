@@ -1,0 +1,53 @@
+"""A finished (or running) training run as a model: its latest complete checkpoint, LoRA merged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from vipllava_jax.registry import family_of
+from vipllava_jax.train.checkpoints import checkpoint_manager, restore
+from vipllava_jax.train.config import RunConfig, TrainingError
+from vipllava_jax.train.lora import merge_lora
+from vipllava_jax.train.mesh import mesh_from_spec
+from vipllava_jax.train.step import init_train_state, merge_model
+
+RUN_CONFIG = "run_config.json"
+
+
+def is_training_run(path: str | Path) -> bool:
+    """A training run's output folder (it holds the model's files too)."""
+    return (Path(path) / RUN_CONFIG).is_file()
+
+
+def export_trained_model(output_dir: str | Path, dst: str | Path) -> Path:
+    """A training run's latest complete checkpoint (LoRA merged) as a model folder: the Orbax
+    folder `from_pretrained` reads, with the run's tokenizer files (which the run copied from
+    its model), so that `vipllava-eval` or a next training stage can start from it."""
+    dst = Path(dst)
+    load_trained_model(output_dir).save_pretrained(dst)
+    for f in Path(output_dir).iterdir():
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
+def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.Module:
+    """The model of a training run's checkpoint (the latest complete one by default), with
+    any LoRA adapters merged into its weights."""
+    out = Path(output_dir)
+    cfg = RunConfig.from_dict(json.loads((out / RUN_CONFIG).read_text()))
+    mesh = mesh_from_spec("data=1", jax.devices()[:1])
+    model = family_of(cfg.model).model_class.from_pretrained(
+        cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)
+    graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
+    manager = checkpoint_manager(cfg)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise TrainingError(f"no complete checkpoint in {out / 'checkpoints'}")
+    state, _ = restore(manager, step, state, shardings)
+    return merge_lora(merge_model(graphdef, state))  # LoRA runs: adapters folded in

@@ -1,0 +1,163 @@
+"""The fine-tuning loop: data -> sharded train step -> metrics and Orbax checkpoints, resumable.
+
+    RunConfig (a TOML file + key=value overrides)
+      model folder --from_pretrained--> model --init_train_state--> TrainState on the mesh
+      TrainDataLoader --shard_batch--> step --> metrics.jsonl, stdout
+      every `save_every` steps: CheckpointManager.save(step, {state, data position}) (async)
+
+On start, the latest complete checkpoint in `output_dir/checkpoints` is restored (onto this
+run's mesh, whatever mesh wrote it), so a killed run loses at most the steps since its last
+complete save. A non-finite loss stops the run before anything is saved for that step.
+On several hosts (`jax.distributed.initialize` before `train`) every process runs `train`
+with the same config: each loads `batch_size // process_count` rows, `shard_batch` assembles the
+global batch, all save the checkpoint together (with every host's data position), and process
+0 alone writes metrics.jsonl and the output folder's files.
+There is no dropout in VipLlava, so the state needs no RNG: a resumed run reproduces the
+losses of an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from vipllava_jax.processing.captions import image_preprocessor
+from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.registry import family_of
+from vipllava_jax.train.checkpoints import checkpoint_manager, data_state, host_data_state, restore
+from vipllava_jax.train.config import RunConfig, TrainingError
+from vipllava_jax.train.data import CaptionDataLoader, RecordLoader, TrainDataLoader
+from vipllava_jax.train.export import RUN_CONFIG
+from vipllava_jax.train.flops import device_peak_tflops, train_flops_per_token
+from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
+from vipllava_jax.train.step import init_train_state, make_train_step
+
+
+def _prepare_output(cfg: RunConfig) -> Path:
+    """The output folder carries the model config and tokenizer files, so that a training
+    checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() != 0:  # one writer when several processes share the folder
+        return out
+    for f in Path(cfg.model).iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt", ".model") and not f.name.startswith("."):
+            if not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+    (out / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
+    """Runs (or resumes) the training run; returns the metrics of the steps it ran."""
+    out = _prepare_output(cfg)
+    mesh = mesh_from_spec(cfg.mesh)
+    model = family_of(cfg.model).model_class.from_pretrained(
+        cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)  # every process its shards
+    # batch_size is the global batch; each process loads its share of the rows
+    hosts, primary = jax.process_count(), jax.process_index() == 0
+    if cfg.batch_size % hosts:
+        raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
+    loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
+    model_config = model.config
+    graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
+    del model
+    step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
+    manager = checkpoint_manager(cfg)
+    start = manager.latest_step()
+    if start is not None:
+        state, saved_data = restore(manager, start, state, shardings)
+        loader.load_state_dict(host_data_state(saved_data))
+    start = start or 0
+    flops_per_token = train_flops_per_token(state, model_config, seq_len=cfg.max_length)
+    peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0])
+    if peak is None and primary:
+        tqdm.write(f"MFU not estimated: no peak TFLOP/s known for {jax.devices()[0].device_kind!r} "
+                   "(set peak_tflops in the config)")
+    peak_total = None if peak is None else peak * jax.device_count()
+    board = _tensorboard(out) if primary and cfg.tensorboard else None
+
+    history = []
+    last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
+    batches = iter(loader)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and primary))
+    # metrics are global (the step reduces over all processes): process 0 writes them
+    with open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log:
+        for step in range(start + 1, last + 1):
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, shard_batch(next(batches), mesh))
+            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(metrics["loss"]):
+                manager.wait_until_finished()
+                raise TrainingError(
+                    f"loss is {metrics['loss']} at step {step}; stopped without saving it. "
+                    f"The last good checkpoint is step {manager.latest_step()}"
+                )
+            seq_tokens = cfg.batch_size * cfg.max_length  # every position costs compute
+            metrics.update(step=step, seconds=seconds, tokens_per_s=seq_tokens / seconds,
+                           model_tflops=seq_tokens * flops_per_token / seconds / 1e12,
+                           **{f"data_{k}": v for k, v in loader.stats.items()})
+            if peak_total is not None:
+                metrics["mfu"] = metrics["model_tflops"] / peak_total
+            history.append(metrics)
+            if primary:
+                log.write(json.dumps(metrics) + "\n")
+                log.flush()
+            if board is not None:
+                for k, v in metrics.items():
+                    if k != "step":
+                        board.add_scalar(f"train/{k}", v, step)
+            bar.update()
+            if primary and step % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                tqdm.write(
+                    f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+                    f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{mfu}"
+                )
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state(loader)),
+                ))
+    bar.close()
+    if board is not None:
+        board.close()
+    manager.wait_until_finished()
+    manager.close()
+    return history
+
+
+def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
+    """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
+    common = dict(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
+                  num_workers=cfg.num_workers, worker_type=cfg.worker_type)
+    if family_of(cfg.model).data == "captions":
+        from transformers import AutoTokenizer  # (slow to import: only for caption runs)
+
+        eos = model_config.eos_token_id if model_config.eos_token_id is not None else model_config.decoder.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise TrainingError(f"{cfg.model}: the config has no eos_token_id to end captions with")
+        return CaptionDataLoader(
+            cfg.data, cfg.image_folder, AutoTokenizer.from_pretrained(cfg.model),
+            image_preprocessor(cfg.model, model_config.encoder.image_size), eos_token_id=eos, **common)
+    return TrainDataLoader(cfg.data, cfg.image_folder, VipLlavaProcessor.from_pretrained(cfg.model),
+                           template=cfg.template, **common)
+
+
+def _tensorboard(out: Path):
+    from tensorboardX import SummaryWriter  # imported here: only the primary process writes
+
+    return SummaryWriter(str(out / "tensorboard"))

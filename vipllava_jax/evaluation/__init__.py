@@ -1,0 +1,1 @@
+"""`vipllava-eval`: questions about marked images, answered and scored (evaluate.py, cli.py)."""

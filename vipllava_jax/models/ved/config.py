@@ -1,0 +1,207 @@
+"""Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
+
+A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
+decoder's own configs. Supported here: encoder `vit` or `deit`, decoder `gpt2` or `bert` (the
+latter two with `is_decoder` and `add_cross_attention`, as VED sets them). The sub-configs may
+list only the fields that differ from the class defaults, so the defaults below are those of
+transformers' config classes. The HF dict itself is kept (`hf_dict`) and written back
+unchanged, apart from `dtype`, so a converted model reloads in transformers as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from vipllava_jax.errors import ConfigError
+
+MODEL_TYPE = "vision-encoder-decoder"
+
+# Defaults of transformers' ViTConfig (DeiTConfig has the same ones).
+_VIT_DEFAULTS = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+    qkv_bias=True, pooler_output_size=None, pooler_act="tanh",
+)
+_GPT2_DEFAULTS = dict(
+    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+    activation_function="gelu_new", layer_norm_epsilon=1e-5, scale_attn_weights=True,
+    scale_attn_by_inverse_layer_idx=False, tie_word_embeddings=True, bos_token_id=50256,
+    eos_token_id=50256, pad_token_id=None,
+)
+_BERT_DEFAULTS = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=2,
+    layer_norm_eps=1e-12, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def _square(value, name: str) -> int:
+    """ViT configs allow `image_size` / `patch_size` as an int or a square pair."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ConfigError(f"unsupported non-square encoder {name} {value!r}")
+        value = value[0]
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """A ViT encoder; `deit` adds a distillation token after the CLS token."""
+
+    model_type: str = "vit"
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    pooler_output_size: int = 768  # the pooler is stored, never applied (VED reads the last hidden state)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_special_tokens(self) -> int:
+        return 2 if self.model_type == "deit" else 1
+
+    @property
+    def seq_len(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + self.num_special_tokens
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ViTConfig:
+        model_type = d.get("model_type")
+        if model_type not in ("vit", "deit"):
+            raise ConfigError(f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit')")
+        v = {**_VIT_DEFAULTS, **d}
+        return cls(
+            model_type=model_type, hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+            num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
+            hidden_act=v["hidden_act"], layer_norm_eps=v["layer_norm_eps"],
+            image_size=_square(v["image_size"], "image_size"), patch_size=_square(v["patch_size"], "patch_size"),
+            num_channels=v["num_channels"], qkv_bias=v["qkv_bias"],
+            pooler_output_size=v["pooler_output_size"] or v["hidden_size"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """A GPT-2 or BERT decoder with cross-attention, under one set of field names.
+
+    `intermediate_size` is GPT-2's `n_inner` (4 x hidden when null); `scale_attn_weights` and
+    `scale_attn_by_inverse_layer_idx` are GPT-2 only, `type_vocab_size` is BERT only.
+    """
+
+    model_type: str = "gpt2"
+    vocab_size: int = 50257
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu_new"
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    type_vocab_size: int = 2
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> DecoderConfig:
+        model_type = d.get("model_type")
+        if model_type not in ("gpt2", "bert"):
+            raise ConfigError(f"unsupported decoder model_type {model_type!r} (supported: 'gpt2', 'bert')")
+        if not (d.get("is_decoder") and d.get("add_cross_attention")):
+            raise ConfigError(
+                f"the {model_type} decoder must have is_decoder and add_cross_attention set "
+                "(as VisionEncoderDecoderModel sets them)"
+            )
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ConfigError(f"unsupported position_embedding_type {d['position_embedding_type']!r}")
+        if model_type == "gpt2":
+            v = {**_GPT2_DEFAULTS, **d}
+            return cls(
+                model_type="gpt2", vocab_size=v["vocab_size"], hidden_size=v["n_embd"],
+                num_hidden_layers=v["n_layer"], num_attention_heads=v["n_head"],
+                intermediate_size=v["n_inner"] or 4 * v["n_embd"], hidden_act=v["activation_function"],
+                max_position_embeddings=v["n_positions"], layer_norm_eps=v["layer_norm_epsilon"],
+                tie_word_embeddings=v["tie_word_embeddings"], scale_attn_weights=v["scale_attn_weights"],
+                scale_attn_by_inverse_layer_idx=v["scale_attn_by_inverse_layer_idx"],
+                bos_token_id=v["bos_token_id"], eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
+            )
+        v = {**_BERT_DEFAULTS, **d}
+        return cls(
+            model_type="bert", vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+            num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
+            intermediate_size=v["intermediate_size"], hidden_act=v["hidden_act"],
+            max_position_embeddings=v["max_position_embeddings"], layer_norm_eps=v["layer_norm_eps"],
+            tie_word_embeddings=v["tie_word_embeddings"], type_vocab_size=v["type_vocab_size"],
+            bos_token_id=v["bos_token_id"], eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionEncoderDecoderConfig:
+    encoder: ViTConfig
+    decoder: DecoderConfig
+    decoder_start_token_id: int | None = None
+    pad_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    dtype: str = "float32"
+    hf_dict: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def needs_projection(self) -> bool:
+        """transformers adds `enc_to_dec_proj` when the two hidden sizes differ."""
+        return self.encoder.hidden_size != self.decoder.hidden_size
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> VisionEncoderDecoderConfig:
+        if d.get("model_type") != MODEL_TYPE:
+            raise ConfigError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        if "encoder" not in d or "decoder" not in d:
+            raise ConfigError("a vision-encoder-decoder config needs 'encoder' and 'decoder' sub-configs")
+        encoder = ViTConfig.from_hf_dict(d["encoder"])
+        decoder = DecoderConfig.from_hf_dict(d["decoder"])
+        cross = d["decoder"].get("cross_attention_hidden_size")
+        if cross is not None and encoder.hidden_size != decoder.hidden_size:
+            # GPT-2 and BERT build their cross-attention for the decoder's own width.
+            raise ConfigError(f"unsupported cross_attention_hidden_size {cross} with a {decoder.model_type} decoder")
+        return cls(
+            encoder=encoder, decoder=decoder, decoder_start_token_id=d.get("decoder_start_token_id"),
+            pad_token_id=d.get("pad_token_id"), eos_token_id=d.get("eos_token_id"),
+            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"), hf_dict=d,
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> VisionEncoderDecoderConfig:
+        file = Path(path) / "config.json"
+        try:
+            d = json.loads(file.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no config.json in {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{file}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_hf_dict(d)
+
+    def save_pretrained(self, path: str | Path, *, dtype: str | None = None) -> None:
+        """Writes the HF config back (transformers 5 spelling: `dtype`)."""
+        d = {k: v for k, v in self.hf_dict.items() if k != "torch_dtype"}
+        d["dtype"] = dtype or self.dtype
+        (Path(path) / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,241 @@
+"""Generation: prefill once, then a `lax.while_loop` of cached decode steps (two compiled
+programs: the prefill, and the whole decode loop).
+
+    prompt [B, T] (left-padded to a bucket) + images
+      --prefill--> KV cache [B*K, T + max_new, H] per layer, logits, the first new token
+      --while not all done and step < max_new--> run the decoder on the last token alone
+        against the cache (slot T + step - 1), pick the next token (greedy or sampled), write it
+
+Each loop step runs exactly one forward pass, unconditionally. An earlier loop skipped the
+last token's forward pass with a `lax.cond`, which took the KV cache as an operand; for that,
+XLA's GPU compiler copied every layer's cache twice per step (at 7B: 129 copies, 806 MB per
+token; `benchmarks/gpu_hlo.py` shows a step's kernels). Everything that changes per call
+(sampling knobs, EOS ids, seed) is an array, so calls with the same shapes reuse the compiled
+programs. Prompt lengths are rounded up to a bucket for the same reason. The state of a
+generation is one dataclass (`DecodeState`), so streaming can run the same decode loop a few
+steps at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.models.vipllava.inputs import check_inputs
+from vipllava_jax.nn.layers import KVCache
+from vipllava_jax.nn.sampling import SamplingParams, eos_array, filter_logits, pick, pick_tokens  # noqa: F401
+from vipllava_jax.nn.sharding import logical_to_spec
+
+
+@struct.dataclass
+class DecodeState:
+    step: jax.Array  # i32 [], tokens generated so far (>= 1 after the prefill)
+    tokens: jax.Array  # i32 [B, N], the new tokens (pad after EOS)
+    done: jax.Array  # bool [B]
+    logits: jax.Array  # f32 [B, V], the logits that picked the last token, tokens[:, step - 1]
+    positions: jax.Array  # i32 [B], RoPE position of the last token (not yet in the cache)
+    kv_mask: jax.Array  # bool [B, S], cache slots holding real tokens
+    cache: KVCache
+    rng: jax.Array  # PRNG key; new token k is drawn with fold_in(rng, k)
+
+
+def bucket_length(n: int) -> int:
+    """Prompt lengths share compiled programs: powers of two up to 256, then multiples of 64
+    (an image prompt is >= 577 tokens: coarser buckets would waste prefill compute)."""
+    if n <= 256:
+        return max(16, 1 << math.ceil(math.log2(max(n, 1))))
+    return 64 * math.ceil(n / 64)
+
+
+# -- the two phases ----------------------------------------------------------------------------
+def prefill(model, input_ids, pixel_values, attention_mask, max_new_tokens: int, rng,
+            sampling: SamplingParams) -> DecodeState:
+    """Runs the vision tower once per image and the decoder once over the whole prompt, and
+    picks the first new token."""
+    b, t = input_ids.shape
+    lm = model.language_model
+    embeds = model.embed(input_ids, pixel_values)  # [B, T, D]
+    mask = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)  # as transformers' generate
+    kv_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), bool)], axis=1)  # [B, S]
+    cache = lm.init_cache(b, t + max_new_tokens)
+    hidden, cache = lm.extend(embeds, positions, kv_mask, cache, jnp.int32(0))
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+    token, done = pick(logits, rng, 0, sampling, jnp.zeros((b,), bool))
+    tokens = jnp.full((b, max_new_tokens), sampling.pad_id, jnp.int32).at[:, 0].set(token)
+    return DecodeState(
+        step=jnp.int32(1), tokens=tokens, done=done, logits=logits,
+        positions=positions[:, -1] + 1, kv_mask=kv_mask, cache=cache, rng=rng,
+    )
+
+
+def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> DecodeState:
+    """Generates until every row is done or `state.step == stop_at`."""
+    prompt_len = state.kv_mask.shape[1] - state.tokens.shape[1]
+
+    def cond(s: DecodeState):
+        return (s.step < stop_at) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        b = s.tokens.shape[0]
+        last = jax.lax.dynamic_slice(s.tokens, (0, s.step - 1), (b, 1))  # [B, 1]
+        slot = prompt_len + s.step - 1  # where the last token goes in the cache
+        kv_mask = jax.lax.dynamic_update_slice(s.kv_mask, jnp.ones((b, 1), bool), (0, slot))
+        embeds = model.language_model.embed_tokens(last)  # [B, 1, D]
+        hidden, cache = model.language_model.extend(embeds, s.positions[:, None], kv_mask, s.cache, slot)
+        logits = model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32)
+        token, done = pick(logits, s.rng, s.step, params, s.done)
+        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step))
+        return s.replace(step=s.step + 1, tokens=tokens, done=done, logits=logits,
+                         positions=s.positions + 1, kv_mask=kv_mask, cache=cache)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+# -- compiled entry points (split once, plain jax.jit) -----------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
+             sampling):
+    return prefill(nnx.merge(graphdef, params_state), input_ids, pixel_values, attention_mask,
+                   max_new_tokens, rng, sampling)
+
+
+def _decode_impl(graphdef, params_state, state, sampling, stop_at):
+    return decode(nnx.merge(graphdef, params_state), state, sampling, stop_at)
+
+
+_decode = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2)
+
+# XLA:CPU hands matmuls to YNNPACK by default. In the decode loop every matmul has one row per
+# sequence; from a few rows up, XLA's own dot emitter runs them faster (docs/performance.md),
+# so on CPU the decode program for batches of at least `PLAIN_DOTS_FROM` rows is compiled
+# without YNN fusions. Elsewhere, or if this XLA does not know the option, the default runs.
+PLAIN_DOTS_FROM = 4
+_PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+decode_plain_dots = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2, compiler_options=_PLAIN_DOTS)
+
+
+@functools.cache
+def plain_dots_supported() -> bool:
+    """Whether this XLA:CPU knows the option: one tiny compile, once per process."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_PLAIN_DOTS).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError:  # an XLA without the option refuses to compile
+        return False
+    return True
+
+
+def _decode_call(graphdef, params_state, state: DecodeState, sampling, stop_at) -> DecodeState:
+    """`_decode`, with the compiled program chosen for the platform and batch (see above)."""
+    rows = state.done.shape[0]
+    if jax.default_backend() == "cpu" and rows >= PLAIN_DOTS_FROM and plain_dots_supported():
+        return decode_plain_dots(graphdef, params_state, state, sampling, stop_at)
+    return _decode(graphdef, params_state, state, sampling, stop_at)
+
+
+def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+                 sampling, rng) -> jax.Array:
+    """Prefill, then decode to the end: the new tokens `[B, max_new_tokens]` (device arrays
+    in, no input checks or bucketing; `generate` does those)."""
+    state = _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+                     rng, sampling)
+    return _decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
+
+
+# -- the user-facing calls ---------------------------------------------------------------------
+
+def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
+             temperature, top_k, top_p, eos_token_id, pad_token_id, seed):
+    """Checks everything before compiling; pads the prompt on the left to its bucket."""
+    ids = np.asarray(input_ids)
+    check_inputs(model.config, ids, pixel_values, attention_mask, None)
+    if max_new_tokens < 1:
+        raise VipLlavaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    b, t = ids.shape
+    mask = np.ones((b, t), np.int32) if attention_mask is None else np.asarray(attention_mask, np.int32)
+    limit = model.config.text_config.max_position_embeddings
+    longest = int(mask.sum(-1).max())
+    if longest + max_new_tokens > limit:
+        raise VipLlavaError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"context of {limit} tokens"
+        )
+    if do_sample and not temperature > 0:
+        raise VipLlavaError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise VipLlavaError(f"top_p must be in (0, 1], got {top_p}")
+    bucket = bucket_length(t)
+    pad = bucket - t
+    ids_b = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id).astype(np.int32)
+    mask_b = np.pad(mask, ((0, 0), (pad, 0)))
+    eos = model.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    sampling = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, eos_token_id=eos, pad_id=pad_token_id)
+    pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
+    batch_sharding = _batch_sharding(model, b)
+    ids_b, mask_b = (jax.device_put(x, batch_sharding) for x in (ids_b, mask_b))
+    return ids, ids_b, pixels, mask_b, sampling, jax.random.key(seed)
+
+
+def _batch_sharding(model, batch: int):
+    """Inputs follow the parameters: on a mesh, split the batch over its data axes."""
+    leaf = model.language_model.embed_tokens.embedding.get_value()
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return None
+    mesh = sharding.mesh
+    spec = logical_to_spec(("batch", None), (batch, 1), mesh)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
+             do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+             pad_token_id=0, seed=0, streamer: Callable[[np.ndarray], None] | None = None):
+    """See `VipLlavaForConditionalGeneration.generate`."""
+    prompt, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
+                             do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+    if streamer is None:
+        graphdef, state = nnx.split(model)
+        tokens = np.asarray(run_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
+    else:
+        chunks = []
+        for chunk in _stream(model, *args, max_new_tokens):
+            streamer(chunk)  # as soon as it is produced
+            chunks.append(chunk)
+        tokens = np.full((prompt.shape[0], max_new_tokens), pad_token_id, np.int32)
+        done = np.concatenate(chunks, axis=1) if chunks else tokens[:, :0]
+        tokens[:, : done.shape[1]] = done
+    return np.concatenate([prompt, tokens], axis=1)
+
+
+def generate_stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
+                    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                    pad_token_id=0, seed=0, chunk: int = 1) -> Iterator[np.ndarray]:
+    """Yields the new tokens `[B, n]` as they are produced, `chunk` decode steps at a time."""
+    _, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
+                        do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
+    yield from _stream(model, *args, max_new_tokens, chunk=chunk)
+
+
+def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
+            chunk: int = 1) -> Iterator[np.ndarray]:
+    """Prefill, then the same decode loop `chunk` steps per call (the state is donated)."""
+    graphdef, params = nnx.split(model)
+    state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling)
+    emitted = 0
+    while emitted < max_new_tokens:
+        stop = np.int32(min(emitted + chunk, max_new_tokens))
+        state = _decode_call(graphdef, params, state, sampling, stop)
+        step = int(state.step)
+        if step == emitted:  # every row is done
+            return
+        yield np.asarray(state.tokens[:, emitted:step])
+        emitted = step

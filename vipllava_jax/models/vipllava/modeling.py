@@ -1,0 +1,274 @@
+"""VipLlava: CLIP features from several layers -> projector -> merged into the decoder's input.
+
+Data flow for one forward pass:
+
+    pixel_values [B_img, 3, H, W] --CLIP--> hidden states at vision_feature_layer, CLS dropped
+        --concat--> [B_img, N, L*Dv] --projector--> image features [B_img, N, D]
+    input_ids [B, T] --embed_tokens--> [B, T, D]; the i-th image-token position gets the i-th
+        image feature (row-major over the batch, as transformers' masked_scatter)
+    --decoder--> [B, T, D] --lm_head--> logits [B, T, V]
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from vipllava_jax.checkpoint import load_into, save_model
+from vipllava_jax.models.vipllava.clip import CLIPVisionModel
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.models.vipllava.generate import generate, generate_stream
+from vipllava_jax.models.vipllava.inputs import check_inputs
+from vipllava_jax.models.vipllava.llama import LlamaModel
+from vipllava_jax.models.vipllava.mapping import VIPLLAVA
+from vipllava_jax.nn.layers import DType, LayerNorm, activation, linear
+from vipllava_jax.nn.losses import causal_lm_loss, token_nll
+
+
+@struct.dataclass
+class VipLlavaOutput:
+    logits: jax.Array  # [B, T, V]
+    loss: jax.Array | None = None  # scalar, when labels were given
+
+
+class VipLlavaMultiModalProjector(nnx.Module):
+    """LayerNorm -> linear_1 -> GELU (exact) -> linear_2 over concatenated vision layers."""
+
+    def __init__(self, cfg: VipLlavaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
+        din = len(cfg.feature_layer_indices) * cfg.vision_config.hidden_size
+        d = cfg.text_config.hidden_size
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.projector_layernorm = LayerNorm(
+            din, eps=cfg.projector_layernorm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.linear_1 = linear(din, d, ("vision_features", "embed"), **kw)
+        self.act = activation(cfg.projector_hidden_act)
+        self.linear_2 = linear(d, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(self.act(self.linear_1(self.projector_layernorm(x))))
+
+
+def merge_image_features(
+    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token: int
+) -> jax.Array:
+    """Puts the k-th image feature at the k-th image-token position (row-major over the batch).
+
+    Static shapes: a cumulative count turns each image-token position into its feature's index.
+    `check_inputs` rejects a count mismatch on concrete inputs; under a caller's trace it
+    cannot, so a mismatch there turns the embeddings into NaN (a NaN loss), never a silent fix.
+    """
+    b, t, d = inputs_embeds.shape
+    is_image = input_ids == image_token  # [B, T]
+    index = jnp.cumsum(is_image.reshape(-1)) - 1  # [B*T]
+    features = image_features.reshape(-1, d).astype(inputs_embeds.dtype)  # [B_img*N, D]
+    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(b, t, d)
+    merged = jnp.where(is_image[..., None], gathered, inputs_embeds)
+    counts_agree = jnp.sum(is_image) == features.shape[0]
+    return jnp.where(counts_agree, merged, jnp.nan)
+
+
+class VipLlavaForConditionalGeneration(nnx.Module):
+    """The whole model, with transformers' parameter names and call signature."""
+
+    # What each training stage trains (`training.step`). The vision tower is frozen except in
+    # "all" (a model trained from scratch has no pretrained CLIP to keep); stage "lora" also
+    # trains the LoRA adapters the train state adds to the decoder (`training/lora.py`).
+    train_stages = {
+        "projector": ("multi_modal_projector",),
+        "full": ("multi_modal_projector", "language_model", "lm_head"),
+        "lora": ("multi_modal_projector",),
+        "all": ("vision_tower", "multi_modal_projector", "language_model", "lm_head"),
+    }
+
+    def __init__(
+        self,
+        config: VipLlavaConfig,
+        *,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.vision_tower = CLIPVisionModel(config.vision_config, **kw)
+        self.multi_modal_projector = VipLlavaMultiModalProjector(config, **kw)
+        self.language_model = LlamaModel(config.text_config, **kw)
+        tc = config.text_config
+        self.lm_head = (
+            None if tc.tie_word_embeddings
+            else linear(tc.hidden_size, tc.vocab_size, ("embed", "vocab"), bias=False, **kw)
+        )
+
+    # -- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, config: VipLlavaConfig, *, dtype: DType = "float32", param_dtype: DType | None = None,
+        seed: int = 0,
+    ) -> VipLlavaForConditionalGeneration:
+        """A randomly initialised model (for tests and benchmarks)."""
+
+        def init():
+            model = cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(seed))
+            return nnx.split(model)[1]
+
+        # One compiled initialiser: eagerly, every parameter's initialiser compiles on its own.
+        graphdef, _ = nnx.split(cls.abstract(config, dtype=dtype, param_dtype=param_dtype))
+        with nnx.use_eager_sharding(False):
+            return nnx.merge(graphdef, jax.jit(init)())
+
+    @classmethod
+    def abstract(
+        cls, config: VipLlavaConfig, *, dtype: DType = "float32", param_dtype: DType | None = None
+    ) -> VipLlavaForConditionalGeneration:
+        """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
+        with nnx.use_eager_sharding(False):
+            return nnx.eval_shape(
+                lambda: cls(config, dtype=dtype, param_dtype=param_dtype or dtype, rngs=nnx.Rngs(0))
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: DType = "float32",
+        param_dtype: DType | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules=None,
+    ) -> VipLlavaForConditionalGeneration:
+        """Loads a converted Orbax folder (or an HF VipLlava folder) as a ready model.
+
+        Args:
+          path: a folder written by `vipllava-convert hf-to-orbax`, or an HF checkpoint folder.
+          dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
+          mesh: restore each parameter straight onto this mesh, sharded by the logical axis
+            rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
+        """
+        config = VipLlavaConfig.from_pretrained(path)
+        param_dtype = jnp.dtype(param_dtype or dtype)
+        return load_into(cls.abstract(config, dtype=dtype, param_dtype=param_dtype), path,
+                         param_dtype=param_dtype, mapping=VIPLLAVA, mesh=mesh, rules=rules,
+                         tied_head=config.text_config.tie_word_embeddings)
+
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
+        """Writes the Orbax folder that `from_pretrained` reads."""
+        save_model(self, path, overwrite=overwrite)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values `[B_img, 3, H, W]` -> projected features `[B_img, N, D]`."""
+        states = self.vision_tower(pixel_values, self.config.feature_layer_indices)
+        features = jnp.concatenate([s[:, 1:] for s in states], axis=-1)  # drop CLS
+        return self.multi_modal_projector(features)
+
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
+        """Token embeddings `[B, T, D]` with the image features merged in."""
+        image_token = self.config.image_token_index
+        is_image = input_ids == image_token
+        # The image token id may lie outside the embedding table; its rows are replaced anyway.
+        embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values)
+            embeds = merge_image_features(input_ids, embeds, features, image_token)
+        return embeds
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            table = self.language_model.embed_tokens.embedding[...].astype(self.dtype)
+            return jnp.einsum("btd,vd->btv", hidden, table)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+    ) -> VipLlavaOutput:
+        """Logits (and the loss when `labels` are given), as transformers' forward.
+
+        Inputs are validated first (clear errors, nothing compiled). Called on concrete
+        arrays, the forward runs as one compiled program (cached per input shape); called
+        under a trace (inside the caller's `jax.jit`), it is traced inline.
+
+        Args:
+          input_ids: int `[B, T]` with one `image_token_index` per image feature.
+          pixel_values: float `[B_img, 3, H, W]` (HF processor layout) or None.
+          attention_mask: `[B, T]`, 1 for tokens and 0 for (left) padding; default all ones.
+          position_ids: `[B, T]`; default `0..T-1` as transformers' forward.
+          labels: int `[B, T]`; shifted inside, -100 ignored.
+        """
+        check_inputs(self.config, input_ids, pixel_values, attention_mask, labels)
+        args = (input_ids, pixel_values, attention_mask, position_ids, labels)
+        if any(isinstance(a, jax.core.Tracer) for a in args):
+            return self.forward(*args)
+        graphdef, state = nnx.split(self)
+        return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
+
+    def forward(
+        self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None
+    ) -> VipLlavaOutput:
+        """The traceable forward pass behind `__call__` (no input validation)."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        embeds = self.embed(input_ids, pixel_values)
+        hidden = self.language_model(embeds, attention_mask, position_ids)
+        logits = self.logits_from_hidden(hidden)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return VipLlavaOutput(logits=logits, loss=loss)
+
+    def remat_targets(self) -> list[tuple[nnx.Module, str]]:
+        """(owner, attribute) of each list of decoder layers the train step may rematerialise
+        (the vision tower is frozen: none of its activations are kept for the backward)."""
+        return [(self.language_model, "layers")]
+
+    def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """What the train step needs of a batch (`training.step`): (summed next-token NLL,
+        counted tokens), so that the mean is taken once over the whole global batch."""
+        out = self.forward(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
+                           batch.get("position_ids"))
+        return token_nll(out.logits, batch["labels"])
+
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 64,
+        do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, seed: int = 0,
+        streamer=None,
+    ) -> np.ndarray:
+        """Greedy or sampled continuation, KV-cached, in one compiled program per shape.
+
+        Returns `[B, prompt_len + max_new_tokens]`: the prompt, then the new tokens, with
+        `pad_token_id` after a row's EOS (`eos_token_id` defaults to the config's). Sampling
+        applies temperature, top-k (0 = off) and top-p (1.0 = off), seeded by `seed`.
+        `streamer(tokens [B, n])` is called with each chunk of new tokens as it is produced.
+        """
+        return generate(
+            self, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, streamer=streamer,
+        )
+
+    def generate_stream(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
+        """Yields new tokens `[B, n]` chunk by chunk (same arguments as `generate`)."""
+        yield from generate_stream(self, input_ids, pixel_values, attention_mask, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_forward(graphdef, state, *args) -> VipLlavaOutput:
+    return nnx.merge(graphdef, state).forward(*args)
