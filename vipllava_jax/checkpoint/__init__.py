@@ -105,9 +105,8 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False):
 
 def save_params(params: dict[str, object], path: Path) -> None:
     # Without OCDBT each tensor's chunks go to disk as they are encoded; OCDBT holds the
-    # encoded chunks of the whole tree in memory until its final commit, which took the
-    # converter's peak RSS from ~1.3x to ~1.7x the checkpoint size (benchmarks/convert.py).
-    # Restore reads either format.
+    # encoded chunks of the whole tree in memory until its final commit, which raises the
+    # converter's peak memory (docs/performance.md, "Converter memory"). Restore reads either.
     ckptr = ocp.StandardCheckpointer(use_ocdbt=False)
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_skip_ocdbt_merge_warning)

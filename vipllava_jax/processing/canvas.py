@@ -14,10 +14,8 @@ from vipllava_jax.processing.visual_prompts import VisualPrompt, render_layer
 # Markers are drawn as on an image MARKER_CANVAS pixels wide, then enlarged to the image: at
 # the renderer's own scale (sizes proportional to the image side / 336) a 48 px image gets
 # 1 px lines, which a tiny ViT trained from scratch on a CPU budget does not learn to see.
-# With 8 px patches (marker-only scenes, 400 steps) a 24 px canvas (2 px lines) gave 29%
-# marker-colour accuracy, a 12 px one (4 px lines) 97%; with 16 px patches (one per object)
-# the 2 px lines are seen, and they hide less of the object: the "objects" stage reads 96% of
-# shapes after 1500 steps with 2 px lines, 73% with 3 px, 66% with 4 px (tools/tiny_vipllava/experiment.py).
+# 24 px gives 2 px lines on the task's 48 px scenes: seen with 16 px patches, and hiding less
+# of the object than thicker ones (the experiments: docs/performance.md, "The embedded tiny model").
 MARKER_CANVAS = 24
 
 

@@ -6,10 +6,9 @@ programs: the prefill, and the whole decode loop).
       --while not all done and step < max_new--> run the decoder on the last token alone
         against the cache (slot T + step - 1), pick the next token (greedy or sampled), write it
 
-Each loop step runs exactly one forward pass, unconditionally. An earlier loop skipped the
-last token's forward pass with a `lax.cond`, which took the KV cache as an operand; for that,
-XLA's GPU compiler copied every layer's cache twice per step (at 7B: 129 copies, 806 MB per
-token; `benchmarks/gpu_hlo.py` shows a step's kernels). Everything that changes per call
+Each loop step runs exactly one forward pass, unconditionally: a `lax.cond` that takes the KV
+cache as an operand makes XLA copy the cache (docs/performance.md, "The decode loop's history";
+`benchmarks/gpu_hlo.py` shows a step's kernels). Everything that changes per call
 (sampling knobs, EOS ids, seed) is an array, so calls with the same shapes reuse the compiled
 programs. Prompt lengths are rounded up to a bucket for the same reason. The state of a
 generation is one dataclass (`DecodeState`), so streaming can run the same decode loop a few
