@@ -2,10 +2,10 @@
 and with worker processes, on the synthetic visual-prompt task's data (48 px PNGs, seven-turn
 conversations: `tools.synthetic`), no model in the loop.
 
-    python benchmarks/loader.py [--scenes 2000] [--workers 2] [--batch 64] [--batches 60]
+    python -m benchmarks.loader [--scenes 2000] [--workers 2] [--batch 64] [--batches 60]
 
 Every loader must yield the same batches (checked); the figure to compare with a training
-step's appetite is records/s (e.g. the tiny model on an H200: 64 records x 13 steps/s).
+step's appetite is records/s (batch size x steps/s).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import numpy as np
 
 from tools.synthetic import IMAGE_SIZE, write_dataset
 from vipllava_jax.processing.processor import VipLlavaProcessor
-from vipllava_jax.train.data import TrainDataLoader
+from vipllava_jax.train.data import LoaderOptions, TrainDataLoader
 
 
 def measure(data: Path, processor, workers: int, kind: str, batch: int, batches: int):
-    loader = TrainDataLoader(data / "train.jsonl", data, processor, batch_size=batch, max_length=176,
-                             num_workers=workers, worker_type=kind, seed=0)
+    options = LoaderOptions(batch_size=batch, max_length=176, num_workers=workers, worker_type=kind, seed=0)
+    loader = TrainDataLoader(data / "train.jsonl", data, processor, options)
     it = iter(loader)
     out = [next(it)]  # workers started and warm
     t = time.perf_counter()

@@ -16,6 +16,7 @@ from vipllava_jax.processing.prompts import TEMPLATES, build_prompt
 from vipllava_jax.train.data import (
     IGNORE_INDEX,
     ConversationEncoder,
+    LoaderOptions,
     TrainDataLoader,
     conversation_prompt,
     normalize_conversation,
@@ -89,9 +90,11 @@ def record_ids(batch, processor):
 
 
 def make_loader(processor, path, **kw):
-    kw = {"batch_size": 2, "max_length": 64, "process_index": 0, "process_count": 1,
-          "num_workers": 2, **kw}
-    return TrainDataLoader(path, path.parent, processor, **kw)
+    """A loader over `path` with `LoaderOptions` fields `kw` (defaults: batches of 2, length 64,
+    one host, two worker threads)."""
+    options = LoaderOptions(**{"batch_size": 2, "max_length": 64, "process_index": 0,
+                               "process_count": 1, "num_workers": 2, **kw})
+    return TrainDataLoader(path, path.parent, processor, options)
 
 
 def take(loader, n):
@@ -315,3 +318,15 @@ def test_json_list_files(processor, tmp_path):
     path.write_text('[{"id": 1},\n{"id": ')
     with pytest.raises(VipLlavaError, match="data.json line 2: invalid JSON"):
         make_loader(processor, path)
+
+
+def test_loader_options_with_keyword_overrides(processor, tmp_path):
+    path = write_dataset(tmp_path, numbered_records(4))
+    options = LoaderOptions(batch_size=2, max_length=64, process_index=0, process_count=1, num_workers=0)
+    loader = TrainDataLoader(path, path.parent, processor, options, seed=5)
+    assert loader.options == LoaderOptions.merge(options, seed=5) != options
+    assert loader.state_dict()["seed"] == 5
+    with pytest.raises(VipLlavaError, match="batch_size must be positive"):
+        LoaderOptions(batch_size=0, max_length=64)
+    with pytest.raises(VipLlavaError, match="leaves no room next to"):
+        TrainDataLoader(path, path.parent, processor, options, max_length=NUM_IMAGE_TOKENS)

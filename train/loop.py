@@ -35,7 +35,7 @@ from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.registry import family_of
 from vipllava_jax.train.checkpoints import checkpoint_manager, data_state, host_data_state, restore
 from vipllava_jax.train.config import RunConfig, TrainingError
-from vipllava_jax.train.data import CaptionDataLoader, RecordLoader, TrainDataLoader
+from vipllava_jax.train.data import CaptionDataLoader, LoaderOptions, RecordLoader, TrainDataLoader
 from vipllava_jax.train.export import RUN_CONFIG
 from vipllava_jax.train.flops import device_peak_tflops, train_flops_per_token
 from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
@@ -140,8 +140,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
 
 def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
     """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
-    common = dict(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
-                  num_workers=cfg.num_workers, worker_type=cfg.worker_type)
+    options = LoaderOptions(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
+                            num_workers=cfg.num_workers, worker_type=cfg.worker_type)
     if family_of(cfg.model).data == "captions":
         from transformers import AutoTokenizer  # (slow to import: only for caption runs)
 
@@ -152,9 +152,9 @@ def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
             raise TrainingError(f"{cfg.model}: the config has no eos_token_id to end captions with")
         return CaptionDataLoader(
             cfg.data, cfg.image_folder, AutoTokenizer.from_pretrained(cfg.model),
-            image_preprocessor(cfg.model, model_config.encoder.image_size), eos_token_id=eos, **common)
-    return TrainDataLoader(cfg.data, cfg.image_folder, VipLlavaProcessor.from_pretrained(cfg.model),
-                           template=cfg.template, **common)
+            image_preprocessor(cfg.model, model_config.encoder.image_size), options, eos_token_id=eos)
+    return TrainDataLoader(cfg.data, cfg.image_folder, VipLlavaProcessor.from_pretrained(cfg.model), options,
+                           template=cfg.template)
 
 
 def _tensorboard(out: Path):
