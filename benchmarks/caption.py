@@ -1,7 +1,7 @@
 """Captioning throughput: our VED beam search against transformers' PyTorch, same model, same CPU.
 
-    python benchmarks/caption.py                 # ViT-base/16 (224 px) + GPT-2 small, fp32
-    python benchmarks/caption.py --tiny          # a tiny model, to check the script runs
+    python -m benchmarks.caption                 # ViT-base/16 (224 px) + GPT-2 small, fp32
+    python -m benchmarks.caption --tiny          # a tiny model, to check the script runs
 
 transformers builds the random model and saves it; ours loads that folder (the converter's HF
 reader), so both run identical weights. EOS is an id outside the vocabulary, so every caption

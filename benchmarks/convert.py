@@ -1,6 +1,6 @@
 """Peak memory of `vipllava-convert hf-to-orbax` on a ~1B-parameter bfloat16 checkpoint.
 
-    .venv/bin/python benchmarks/convert.py [--workdir DIR [--keep] [--reuse]] [--text-layers 12]
+    .venv/bin/python -m benchmarks.convert [--workdir DIR [--keep] [--reuse]] [--text-layers 12]
 
 Writes a random VipLlava checkpoint in transformers' 5.x layout (CLIP ViT-L/14-336 tower, a
 Llama decoder of hidden 2048 and `--text-layers` layers, vocabulary 32064; sharded
@@ -78,6 +78,7 @@ def write_checkpoint(folder: Path, config: dict, max_shard_bytes: int) -> tuple[
 
     from vipllava_jax.checkpoint.hf import write_hf_params
     from vipllava_jax.models.vipllava.config import VipLlavaConfig
+    from vipllava_jax.models.vipllava.mapping import VIPLLAVA
     from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
     cfg = VipLlavaConfig.from_hf_dict(config)
@@ -87,7 +88,7 @@ def write_checkpoint(folder: Path, config: dict, max_shard_bytes: int) -> tuple[
         for seed, (path, var) in enumerate(nnx.to_flat_state(state))
     }
     folder.mkdir(parents=True)
-    write_hf_params(params, folder, max_shard_bytes=max_shard_bytes, progress=True)
+    write_hf_params(params, folder, max_shard_bytes=max_shard_bytes, progress=True, mapping=VIPLLAVA)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
     size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -1,7 +1,7 @@
 """Generate speed: vipllava-jax against transformers' PyTorch model, same weights, same prompt.
 
-    python benchmarks/generate.py [--new-tokens 32] [--batches 1,8]
-    python benchmarks/generate.py --model 7b --dtype bfloat16 --batches 1 --new-tokens 128 --no-torch  # GPU
+    python -m benchmarks.generate [--new-tokens 32] [--batches 1,8]
+    python -m benchmarks.generate --model 7b --dtype bfloat16 --batches 1 --new-tokens 128 --no-torch  # GPU
 
 The "bench-158M" model: CLIP vision 384 wide x 12 layers at 224 px, patch 14 (256 image
 tokens); Llama 768 wide x 12 layers, 12 heads, MLP 2048, vocab 32064. Prompt: BOS + 256 image

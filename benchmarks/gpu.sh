@@ -3,16 +3,16 @@
 # machine (`device` tool) whose image has jax[cuda], flax, optax, orbax, torch and transformers
 # but not this project:
 #   1. train: one step of the ~1B-shaped model, bf16 compute, MFU against the data-sheet peak
-#      (benchmarks/train.py --model 1b; #4's target is 50%), never measured yet; attention
+#      (python -m benchmarks.train --model 1b; #4's target is 50%), never measured yet; attention
 #      "auto", i.e. cuDNN's fused kernel (the deviceless compile, gpu_hlo.py --program train,
 #      puts the MFU ceiling at 76%, against 42% with XLA's attention);
 #   2. generate: the 7B-shaped random VipLlava in bf16, batch 1, decode tokens/s against the
-#      HBM-bandwidth limit (benchmarks/generate.py --model 7b; #3's target is 85%, stop 11: 63%);
+#      HBM-bandwidth limit (python -m benchmarks.generate --model 7b; #3's target is 85%, stop 11: 63%);
 #   3. the same decode with the while loop and its conditional inside XLA's command buffers
 #      (CUDA graphs; XLA's default leaves WHILE and CONDITIONAL out, so every decode step waits
 #      on the host for the loop predicate and for the greedy/sampled branch);
 #   4. where that decode step's time goes: XLA's kernels by kind, with counts
-#      (benchmarks/profile_generate.py --model 7b);
+#      (python -m benchmarks.profile_generate --model 7b);
 #   5. if time is left, step 3 with XLA's dot merger raised so that each layer's gate and up
 #      projections are one GEMV (gpu_hlo.py: 525 -> 493 kernels per 7B decode step), and
 #   6. the train step at batch 16: on TPUs the deviceless estimate's MFU ceiling rises from 41%
@@ -29,6 +29,8 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="${OUT:-/tmp/gpu_out}"
 W="${GPU_WORK:-/tmp/gpu_work}"
 mkdir -p "$OUT" "$W"
+OUT="$(cd "$OUT" && pwd)" W="$(cd "$W" && pwd)"  # absolute: the steps run from $REPO
+cd "$REPO"  # the benchmarks run as modules of the checkout: python -m benchmarks.NAME
 export PYTHONUNBUFFERED=1
 SMOKE="${GPU_SMOKE:-}"
 PY=python3
@@ -36,7 +38,7 @@ LATE=480  # seconds: no step starts after this
 START=$(date +%s)
 stamp() { echo "== $(( $(date +%s) - START )) s: $*" | tee -a "$OUT/summary.log"; }
 late() { [ $(( $(date +%s) - START )) -gt "$LATE" ] && { stamp "skipped (late): $1"; return 0; }; return 1; }
-# step NAME TIMEOUT LOG ARGS...: one benchmark run, its output in $OUT/LOG and on stdout
+# step NAME TIMEOUT LOG PYTHON_ARGS...: one benchmark run, its output in $OUT/LOG and on stdout
 step() {
     local name=$1 limit=$2 log=$3
     shift 3
@@ -57,7 +59,6 @@ if [ -z "$SMOKE" ]; then
 fi
 $PY -c "import jax, flax, orbax.checkpoint as o, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'orbax', o.__version__, 'transformers', transformers.__version__, jax.devices())" 2>&1 | tee -a "$OUT/summary.log"
 
-B="$REPO/benchmarks"
 if [ -z "$SMOKE" ]; then
     TRAIN=(--model 1b --dtype bfloat16 --batch 8 --text-tokens 447 --no-torch --repeat 3)
     GEN=(--model 7b --dtype bfloat16 --batches 1 --new-tokens 128 --no-torch)
@@ -67,12 +68,12 @@ else
     GEN=(--batches 1 --new-tokens 4 --no-torch)
     PROF=(--batch 1 --new-tokens 5 --no-torch)
 fi
-step "train" 200 train_1b.log "$B/train.py" "${TRAIN[@]}"
-step "generate" 120 generate_7b.log "$B/generate.py" "${GEN[@]}"
+step "train" 200 train_1b.log -m benchmarks.train "${TRAIN[@]}"
+step "generate" 120 generate_7b.log -m benchmarks.generate "${GEN[@]}"
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL" \
-    step "generate, loop in command buffers" 90 generate_7b_cmdbuf.log "$B/generate.py" "${GEN[@]}"
-step "decode profile" 100 profile_7b.log "$B/profile_generate.py" "${PROF[@]}"
+    step "generate, loop in command buffers" 90 generate_7b_cmdbuf.log -m benchmarks.generate "${GEN[@]}"
+step "decode profile" 100 profile_7b.log -m benchmarks.profile_generate "${PROF[@]}"
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_dot_merger_threshold_mb=256" \
-    step "generate, loop in command buffers, gate/up merged" 90 generate_7b_merged.log "$B/generate.py" "${GEN[@]}"
-[ -z "$SMOKE" ] && step "train, batch 16" 120 train_1b_b16.log "$B/train.py" "${TRAIN[@]}" --batch 16
+    step "generate, loop in command buffers, gate/up merged" 90 generate_7b_merged.log -m benchmarks.generate "${GEN[@]}"
+[ -z "$SMOKE" ] && step "train, batch 16" 120 train_1b_b16.log -m benchmarks.train "${TRAIN[@]}" --batch 16
 stamp "done"

@@ -1,15 +1,16 @@
 """What XLA's GPU compiler makes of generate's decode loop and of the train step, without a GPU.
 
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"  # no GPU needed
-    python benchmarks/gpu_hlo.py [--model 7b] [--spec benchmarks/specs/h200.txtpb] [--dump FILE]
-    python benchmarks/gpu_hlo.py --program train [--model 1b] [--attention xla]
+    python -m benchmarks.gpu_hlo [--model 7b] [--spec benchmarks/specs/h200.txtpb] [--dump FILE]
+    python -m benchmarks.gpu_hlo --program train [--model 1b] [--attention xla]
 
 Compiles a program of a random-shaped model in bf16 for the card described by `--spec` (XLA's
 deviceless compilation: a text-proto device description instead of a device), on abstract
 weights, so even the 7B shape compiles in seconds on a laptop:
 
-    decode  `vipllava_jax.models.vipllava.generate._decode`, the whole `lax.while_loop`, batch `--batch` (1)
-    train   `training.make_train_step` as benchmarks/train.py runs it on a GPU: stage "full",
+    decode  generate's jitted decode loop (`vipllava_jax.models.vipllava.generate.decode`), the
+            whole `lax.while_loop`, batch `--batch` (1)
+    train   `vipllava_jax.train.make_train_step` as benchmarks/train.py runs it on a GPU: stage "full",
             fp32 master weights, batch 8 x (1 + 576 image + 447 text) tokens for "1b"
 
 Then reads the optimized HLO and prints the instructions that run (per decode step, or per
@@ -46,10 +47,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from generate import DATASHEET, SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
-
+from benchmarks.generate import DATASHEET, SHAPES, TEXT_TOKENS, bench_config, image_tokens  # noqa: E402
 from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
 from vipllava_jax.models.vipllava import generate as gen  # noqa: E402
 from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
@@ -60,8 +58,10 @@ from vipllava_jax.train import (  # noqa: E402
     make_train_step,
     mesh_from_spec,
 )
-from vipllava_jax.train.flops import train_flops_per_token  # noqa: E402
 from vipllava_jax.train.config import ATTENTION  # noqa: E402
+from vipllava_jax.train.flops import train_flops_per_token  # noqa: E402
+
+HERE = Path(__file__).resolve().parent  # benchmarks/, where specs/ lives
 
 NVLINK = 450e9  # bytes/s each way between H100/H200 SXM cards (NVLink 4: 900 GB/s both ways)
 COLLECTIVE = re.compile(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute")
@@ -81,6 +81,15 @@ def target_devices(spec: str, count: int = 1):
 
 def target_device(spec: str):
     return target_devices(spec)[0]
+
+
+def _decode_loop(graphdef, params, state, sampling, stop_at):
+    return gen.decode(nnx.merge(graphdef, params), state, sampling, stop_at)
+
+
+# The decode program `generate` compiles (its jit is private to the library), rebuilt from the
+# public `decode` the same way: graphdef static, the decode state donated.
+DECODE = jax.jit(_decode_loop, static_argnums=0, donate_argnums=2)
 
 
 def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
@@ -108,7 +117,7 @@ def compile_decode(model_name: str, spec: str, batch: int, new_tokens: int):
         params, ids, pixels, rng, sampling)
     stop = abstract(jax.ShapeDtypeStruct((), jnp.int32))
     start = time.perf_counter()
-    compiled = gen._decode.lower(graphdef, params, jax.tree.map(abstract, state), sampling, stop).compile()
+    compiled = DECODE.lower(graphdef, params, jax.tree.map(abstract, state), sampling, stop).compile()
     print(f"{device.device_kind}: {model_name} decode loop, batch {batch}, bf16, compiled in "
           f"{time.perf_counter() - start:.1f} s")
     return compiled.as_text()

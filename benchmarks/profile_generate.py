@@ -1,7 +1,7 @@
 """Where generate's time goes: XLA's own per-op timings, summed by op kind.
 
-    python benchmarks/profile_generate.py [--batch 8] [--new-tokens 1]
-    python benchmarks/profile_generate.py --model 7b --dtype bfloat16 --batch 1 --new-tokens 129 --no-torch  # GPU
+    python -m benchmarks.profile_generate [--batch 8] [--new-tokens 1]
+    python -m benchmarks.profile_generate --model 7b --dtype bfloat16 --batch 1 --new-tokens 129 --no-torch  # GPU
 
 Runs `generate` on the "bench-158M" model of benchmarks/generate.py (prompt: BOS + 256 image
 tokens + 32 text tokens) under `jax.profiler.trace`, reads the trace's op events and prints
@@ -22,21 +22,17 @@ import glob
 import gzip
 import json
 import re
-import sys
 import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import torch
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import SHAPES, bench_config, prompt, random_model  # noqa: E402
-
-from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.models.vipllava import generate as gen  # noqa: E402
-from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
+from benchmarks.generate import SHAPES, bench_config, prompt, random_model
+from vipllava_jax import VipLlavaForConditionalGeneration
+from vipllava_jax.models.vipllava import generate as gen
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
 
 RUNTIME = ("$", "ThunkExecutor", "Slinky", "PjRt", "Thunk", "PjitFunction", "CommonPjRt", "ParseArguments")
 

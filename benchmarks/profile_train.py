@@ -1,6 +1,6 @@
 """Where a train step's time goes: XLA's own per-op timings, summed by op kind.
 
-    python benchmarks/profile_train.py [--batch 4] [--text-tokens 128] [--top 25]
+    python -m benchmarks.profile_train [--batch 4] [--text-tokens 128] [--top 25]
 
 One step of benchmarks/train.py (the "bench-158M" model, stage "full", fp32, 1 device) under
 `jax.profiler.trace`; prints milliseconds per op kind as benchmarks/profile_generate.py does
@@ -11,21 +11,17 @@ One step of benchmarks/train.py (the "bench-158M" model, stage "full", fp32, 1 d
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
-from pathlib import Path
 
 import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import bench_config  # noqa: E402
-from profile_generate import op_times, print_op_times  # noqa: E402
-
-from train import make_batch  # noqa: E402
-from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.train import (  # noqa: E402
+from benchmarks.generate import bench_config
+from benchmarks.profile_generate import op_times, print_op_times
+from benchmarks.train import make_batch
+from vipllava_jax import VipLlavaForConditionalGeneration
+from vipllava_jax.train import (
     TrainConfig,
     init_train_state,
     make_train_step,

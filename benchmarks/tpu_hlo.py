@@ -2,7 +2,7 @@
 
     pip install "jax[tpu]==$(python -c 'import jax; print(jax.__version__)')"  # libtpu; no TPU needed
     # (into an environment with the test extras and torch: the shapes come from generate.py)
-    python benchmarks/tpu_hlo.py [--topology v5p:2x2x1 | v5e:2x2 | v6e:2x2] [--mesh fsdp=4]
+    python -m benchmarks.tpu_hlo [--topology v5p:2x2x1 | v5e:2x2 | v6e:2x2] [--mesh fsdp=4]
                                  [--model 1b] [--attention xla pallas]
 
 Compiles benchmarks/train.py's step (stage "full", bf16 compute, fp32 master weights and AdamW
@@ -30,19 +30,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import jax
 import optax
 from jax.experimental import topologies
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import DATASHEET, SHAPES  # noqa: E402
-from gpu_hlo import abstract_bench_state, compile_train, mesh_size  # noqa: E402
-
-from vipllava_jax.train import TrainConfig  # noqa: E402
+from benchmarks.generate import DATASHEET, SHAPES
+from benchmarks.gpu_hlo import abstract_bench_state, compile_train, mesh_size
+from vipllava_jax.train import TrainConfig, make_optimizer
 from vipllava_jax.train.config import ATTENTION
-from vipllava_jax.train.step import make_optimizer  # noqa: E402
 
 # topology prefix -> HBM bytes per chip, from the data sheets (peaks: generate.DATASHEET)
 HBM = {"v5e": 16e9, "v5p": 95e9, "v6e": 32e9}

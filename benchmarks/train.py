@@ -1,6 +1,6 @@
 """Train speed: one step (forward, backward, AdamW) of vipllava-jax against transformers' PyTorch.
 
-    python benchmarks/train.py [--batch 4] [--text-tokens 128] [--repeat 3]
+    python -m benchmarks.train [--batch 4] [--text-tokens 128] [--repeat 3]
 
 The "bench-158M" model of benchmarks/generate.py, fp32, same weights in both frameworks.
 Batch: 4 rows of BOS + 256 image tokens + 128 text tokens (385 tokens), one 224 px image each;
@@ -15,7 +15,7 @@ Stage "full": the projector, the decoder and lm_head are trained, the vision tow
 Prints seconds per step (min of --repeat after one warm-up step), tokens/s, the JAX / PyTorch
 ratio, and the fraction of this machine's matmul peak (jitted 2048x2048 fp32 matmul, measured
 in this run) reached by each, counting model FLOPs per step as vipllava-train does for its MFU
-(`train.flops.train_flops_per_token`: 6 per trained weight and token, 2 per frozen vision
+(`vipllava_jax.train.flops.train_flops_per_token`: 6 per trained weight and token, 2 per frozen vision
 weight and image token, plus attention, causal in the decoder), next to XLA's own count.
 All JAX steps run before the torch ones, not in turn: on a 2-core CPU the first JAX step after
 a torch step took 9.3 s against 6.2 s (also after a 2 s pause), so alternating them would
@@ -23,7 +23,7 @@ charge JAX for what torch's step leaves behind.
 
 On a GPU (JAX only, random init):
 
-    python benchmarks/train.py --model 1b --dtype bfloat16 --batch 8 --text-tokens 447 --no-torch
+    python -m benchmarks.train --model 1b --dtype bfloat16 --batch 8 --text-tokens 447 --no-torch
 
 "1b" is CLIP ViT-L/14 at 336 px (576 image tokens, frozen) + a TinyLlama-sized decoder (2048
 wide x 22 layers, MLP 5632); `--dtype bfloat16` computes in bf16 with fp32 master weights and
@@ -36,17 +36,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from generate import (  # noqa: E402
+from benchmarks.generate import (
     IMAGE_TOKEN,
     SHAPES,
     bench_config,
@@ -55,18 +52,17 @@ from generate import (  # noqa: E402
     machine_roofline,
     random_model,
 )
-
-from vipllava_jax import VipLlavaForConditionalGeneration  # noqa: E402
-from vipllava_jax.models.vipllava.config import VipLlavaConfig  # noqa: E402
-from vipllava_jax.train import (  # noqa: E402
+from vipllava_jax import VipLlavaForConditionalGeneration
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.train import (
     TrainConfig,
     init_train_state,
     make_train_step,
     mesh_from_spec,
     shard_batch,
 )
-from vipllava_jax.train.flops import train_flops_per_token  # noqa: E402
-from vipllava_jax.train.config import ATTENTION  # noqa: E402
+from vipllava_jax.train.config import ATTENTION
+from vipllava_jax.train.flops import train_flops_per_token
 
 
 def make_batch(batch: int, text_tokens: int, config, seed: int = 0):

@@ -1,8 +1,10 @@
 """The synthetic visual-prompt task: deterministic files, disjoint splits, twins that differ."""
 
 import hashlib
-from pathlib import Path
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -270,17 +272,13 @@ def test_color_split_asks_count_and_training_markers_drawn_in_evaluation_style(t
 
 
 def _experiment_tool():
-    import importlib.util
+    from tools.tiny_vipllava import experiment
 
-    spec = importlib.util.spec_from_file_location(
-        "experiment", Path(__file__).parent.parent / "tools" / "tiny_vipllava" / "experiment.py")
-    experiment = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(experiment)
     return experiment
 
 
 def test_recipe_experiment_trains_and_scores_marked_twins(capsys):
-    """assets/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
+    """tools/tiny_vipllava/experiment.py (how recipe settings are compared) runs end to end:
     a few steps on in-memory marked scenes, scored per question type, marker and twin pair."""
     experiment = _experiment_tool()
     experiment.main(["--task", "marked", "--steps", "2", "--warmup-steps", "1", "--batch-size", "8",
@@ -342,3 +340,54 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records(monkeypatch):
         assert len(turns) == 3 and np.all(xs // synthetic.CELL == column)
         seen += xs.size > 0
     assert seen >= 4  # (a filled mask may hide all of it)
+
+
+MAKE_SH = Path(__file__).parent.parent / "tools" / "tiny_vipllava" / "make.sh"
+MARKER = ".tiny_vipllava_make"  # make.sh's mark on the work folders it made
+
+
+def _make_sh(work, stub_bin=None):
+    """Runs make.sh on `work`; with `stub_bin` first on PATH (a `python` that fails at once)."""
+    env = dict(os.environ)
+    if stub_bin is not None:
+        env["PATH"] = f"{stub_bin}{os.pathsep}{env['PATH']}"
+    return subprocess.run(["bash", str(MAKE_SH), str(work)], capture_output=True, text=True, env=env,
+                          timeout=60)
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def test_make_sh_refuses_a_foreign_folder_and_deletes_nothing(tmp_path):
+    """make.sh deletes its earlier outputs (data/, train/, model/, ...) in its work folder, so a
+    non-empty folder it did not make (here shaped like a checkout) is refused untouched."""
+    foreign = tmp_path / "checkout"
+    for name in ("train/__init__.py", "data/records.jsonl", "model/config.json", "README.md"):
+        (foreign / name).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / name).write_text(name)
+    before = _tree(foreign)
+    result = _make_sh(foreign)
+    assert result.returncode == 2, result
+    assert result.stdout == "" and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("make.sh: refusing ") and MARKER in result.stderr
+    assert _tree(foreign) == before
+
+
+def test_make_sh_makes_its_folder_and_reruns_there(tmp_path):
+    """A new folder gets make.sh's marker, and a second run in it passes the check (and clears
+    its earlier outputs). `python` is a stub that fails, so the recipe itself never runs."""
+    stub_bin = tmp_path / "bin"
+    stub_bin.mkdir()
+    (stub_bin / "python").write_text(f'#!/bin/sh\necho "$@" >> "{tmp_path}/python_calls"\nexit 3\n')
+    (stub_bin / "python").chmod(0o755)
+    work = tmp_path / "work" / "tiny"
+    first = _make_sh(work, stub_bin)
+    assert first.returncode == 3 and (work / MARKER).is_file(), first
+    (work / "data").mkdir()
+    (work / "data" / "old.jsonl").write_text("an earlier run's data")
+    second = _make_sh(work, stub_bin)
+    assert second.returncode == 3, second
+    assert not (work / "data").exists() and (work / MARKER).is_file()
+    calls = (tmp_path / "python_calls").read_text().splitlines()
+    assert len(calls) == 2 and all(c.startswith("-m tools.synthetic --out data ") for c in calls)

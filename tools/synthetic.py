@@ -13,7 +13,7 @@ of its colour names) and the questions can only be answered by finding the marke
 
 Object colours are neutral (white, black, gray) and the marker colours saturated, so a
 marker is never mistaken for an object. Splits (LLaVA-format JSONL + PNG, the format
-`training.data` reads, plus `category`):
+`vipllava_jax.train.data` reads, plus `category`):
 
 - train: one record per scene with all five questions and two auxiliary ones (`AUX_QUESTIONS`:
   the marker's colour, where the marked object is; `--no-aux`: the five only) as a multi-turn

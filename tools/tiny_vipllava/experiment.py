@@ -148,19 +148,19 @@ markers 98-100%), the shipped model since. Another CPU rounds differently: stop 
 this one differ by up to 0.41 in a weight; a second run here gave the same weights bit for
 bit. Four draws of the recipe so far, three pass.
 
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --task objects --steps 1500 --save /tmp/s1
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --steps 3000
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --task objects \
+    python -m tools.tiny_vipllava.experiment --task objects --steps 1500 --save /tmp/s1
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1 --steps 3000
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1 --task objects \
         --marker-only 1.0 --steps 500 --save /tmp/s1m
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1m --objects 0.2 --steps 2500
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1 --task objects \
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1m --objects 0.2 --steps 2500
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1 --task objects \
         --object-where --steps 400 --save /tmp/s1w
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1w --objects 0.2 --steps 3500
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1w --probe
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1w --questions color \
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1w --objects 0.2 --steps 3500
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1w --probe
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1w --questions color \
         --per-record 1 --no-aux --objects 0.3 --steps 1500 --save /tmp/s1wc
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --init /tmp/s1wc --objects 0.2 --steps 3000
-    python vipllava_jax/assets/tiny_vipllava/experiment.py --task position --per-record 1 \
+    python -m tools.tiny_vipllava.experiment --init /tmp/s1wc --objects 0.2 --steps 3000
+    python -m tools.tiny_vipllava.experiment --task position --per-record 1 \
         --questions color-left,color-middle,color-right --steps 500 --lr 7e-4 --seed 0
 """
 
@@ -181,9 +181,15 @@ from tools import synthetic as S
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.processing.visual_prompts import COLORS, MARKERS
-from vipllava_jax.train import step as ST
+from vipllava_jax.train import (
+    STAGES,
+    TrainConfig,
+    init_train_state,
+    make_train_step,
+    mesh_from_spec,
+    shard_batch,
+)
 from vipllava_jax.train.data import IGNORE_INDEX, ConversationEncoder, collate_examples
-from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
 
 COUNT_QUESTION = "How many objects have the color {}?"  # --count-aux
 POSITION_QUESTIONS = {f"{attr}-{pos}": (f"What {attr} is the {pos} object?", attr, k)
@@ -376,7 +382,7 @@ def shape_probe(model, processor, scenes: int = 6000, seed: int = 0) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.tiny_vipllava.experiment", description=__doc__.split("\n")[0])
     p.add_argument("--task", choices=("marked", "position", "objects"), default="marked")
     p.add_argument("--questions", default="", help="comma-separated question types (default: all)")
     p.add_argument("--per-record", type=int, default=0,
@@ -403,8 +409,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--tower-lr", type=float, default=1.0,
                    help="the vision tower's learning rate, times --lr (TrainConfig.lr_multipliers)")
-    p.add_argument("--stage", default="all", choices=sorted(ST.STAGES),
-                   help="what trains (ST.TrainConfig.stage; default all, the tower too)")
+    p.add_argument("--stage", default="all", choices=sorted(STAGES),
+                   help="what trains (TrainConfig.stage; default all, the tower too)")
     p.add_argument("--heads", type=int, default=0, help="decoder attention heads (default: recipe's)")
     p.add_argument("--text-layers", type=int, default=0, help="decoder layers (default: recipe's)")
     p.add_argument("--vision-layers", type=int, default=0, help="ViT layers (default: recipe's)")
@@ -483,11 +489,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{train['input_ids'].shape[1]} tokens, {time.time() - t0:.0f} s", flush=True)
 
     mesh = mesh_from_spec("data=-1")
-    config = ST.TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps,
-                            total_steps=args.steps, stage=args.stage,
-                            lr_multipliers={"vision_tower": args.tower_lr} if args.tower_lr != 1 else {})
-    graphdef, state, shardings = ST.init_train_state(model, config, mesh)
-    train_step = ST.make_train_step(graphdef, config, mesh, shardings)
+    config = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup_steps,
+                         total_steps=args.steps, stage=args.stage,
+                         lr_multipliers={"vision_tower": args.tower_lr} if args.tower_lr != 1 else {})
+    graphdef, state, shardings = init_train_state(model, config, mesh)
+    train_step = make_train_step(graphdef, config, mesh, shardings)
     rng = np.random.default_rng(args.seed)
     order, pos, losses, train_s = rng.permutation(len(train_records)), 0, [], 0.0
     for step in range(1, args.steps + 1):

@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
 # Reproduces the embedded tiny VipLlava (vipllava_jax/assets/tiny_vipllava/model) from nothing:
 #   synthetic data + tokenizer + random model -> vipllava-train (CPU) -> Orbax folder -> eval.
-# Usage, from anywhere with the project installed (venv active):
-#   [SEED=0] vipllava_jax/assets/tiny_vipllava/make.sh [WORK_DIR] [--ship]
-# --ship copies the result into the package (model/ and the test split in test/). SEED (default
-# 0, the shipped model's) seeds the data, the random model and the order the stages read.
+# Usage, from anywhere in a checkout with the project installed (venv active):
+#   [SEED=0] tools/tiny_vipllava/make.sh [WORK_DIR] [--ship]
+# WORK_DIR (default $TMPDIR/tiny_vipllava) must be new, empty or one this script made before
+# (it holds the marker file .tiny_vipllava_make): the script deletes its earlier results there.
+# --ship copies the result into the package: vipllava_jax/assets/tiny_vipllava/model and the
+# test split in vipllava_jax/assets/tiny_vipllava/test. SEED (default 0, the shipped model's)
+# seeds the data, the random model and the order the stages read.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-WORK="${1:-${TMPDIR:-/tmp}/tiny_vipllava}"
-SHIP="${2:-}"
+REPO="$(cd "$HERE/../.." && pwd)"
+ASSETS="$REPO/vipllava_jax/assets/tiny_vipllava"  # where --ship puts the model and test split
+MARKER=".tiny_vipllava_make"  # written into every work folder this script makes
+die() { echo "make.sh: $*" >&2; exit 2; }
+
+WORK="" SHIP=""
+for arg in "$@"; do
+    case "$arg" in
+        --ship) SHIP="--ship" ;;
+        -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}" | cut -c3-; exit 0 ;;
+        -*) die "unknown option $arg (usage: make.sh [WORK_DIR] [--ship])" ;;
+        *) [ -z "$WORK" ] || die "one work folder only (usage: make.sh [WORK_DIR] [--ship])"
+           WORK="$arg" ;;
+    esac
+done
+WORK="${WORK:-${TMPDIR:-/tmp}/tiny_vipllava}"
 SEED="${SEED:-0}"
+[ -z "$SHIP" ] || [ -d "$ASSETS" ] || die "--ship: no $ASSETS to ship into"
+# The script deletes its earlier outputs in WORK (data, init, train, model, ...), so it only
+# works in a folder it made: a foreign one may hold anything under those names (in a checkout,
+# "make.sh ." would take the train/ package).
+if [ -e "$WORK" ] || [ -L "$WORK" ]; then
+    [ -d "$WORK" ] || die "$WORK exists and is not a folder"
+    if [ -n "$(ls -A "$WORK")" ] && [ ! -f "$WORK/$MARKER" ]; then
+        die "refusing $WORK: not empty and not made by make.sh (no $MARKER); name a new or empty folder"
+    fi
+fi
 mkdir -p "$WORK"
+echo "made by tools/tiny_vipllava/make.sh, which deletes its earlier results here" > "$WORK/$MARKER"
 cd "$WORK"
 
 # XLA settings for the 2-core CPU (README, "Fine-tuning"). The model is trained with them, so
@@ -33,14 +61,15 @@ export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$CPU_FLAGS"
 #    records in ten single objects instead), a quarter of all training markers in the test
 #    split's (evaluation) style, the task's word-level tokenizer, and the random model (Orbax
 #    folder + tokenizer) in init/
-rm -rf data init objects where color train stage1 stage2 stage3 model
-python -m tools.synthetic --out data --train 80000 --val 200 --test 400 --objects 24000 \
-    --where 6400 --color 32000 --train-objects 0.2 --color-objects 0.3 --color-count 0.3 \
-    --constant-markers 0.25 --no-aux --seed "$SEED" --init-model init
+rm -rf data init objects where color train stage1 stage2 stage3 model test_predictions.jsonl
+# (tools/ is no installed package: the checkout goes on the path for this one command)
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" python -m tools.synthetic --out data --train 80000 \
+    --val 200 --test 400 --objects 24000 --where 6400 --color 32000 --train-objects 0.2 \
+    --color-objects 0.3 --color-count 0.3 --constant-markers 0.25 --no-aux --seed "$SEED" --init-model init
 
 # a training run's last checkpoint -> a plain Orbax model folder with the tokenizer files
 export_run() {
-    python -c 'import sys; from vipllava_jax.train.loop import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
+    python -c 'import sys; from vipllava_jax.train import export_trained_model as e; e(*sys.argv[1:])' "$1" "$2"
 }
 train() {  # train CONFIG NAME: one vipllava-train run, its wall and CPU time printed
     /usr/bin/env time -f "vipllava-train ($2): %e s wall, %U s user + %S s sys CPU" \
@@ -70,10 +99,10 @@ export_run train model
 vipllava-eval --model model --data data/test.jsonl --out test_predictions.jsonl
 
 if [ "$SHIP" = "--ship" ]; then
-    rm -rf "$HERE/model" "$HERE/test"
-    cp -r model "$HERE/model"
-    mkdir -p "$HERE/test/images"
-    cp data/test.jsonl "$HERE/test/test.jsonl"
-    cp -r data/images/test "$HERE/test/images/test"
-    echo "shipped -> $HERE/model, $HERE/test"
+    rm -rf "$ASSETS/model" "$ASSETS/test"
+    cp -r model "$ASSETS/model"
+    mkdir -p "$ASSETS/test/images"
+    cp data/test.jsonl "$ASSETS/test/test.jsonl"
+    cp -r data/images/test "$ASSETS/test/images/test"
+    echo "shipped -> $ASSETS/model, $ASSETS/test"
 fi
