@@ -14,8 +14,8 @@ import torch
 from flax import nnx
 
 from vipllava_jax.checkpoint.mapping import hf_shape
-from vipllava_jax.models.vipllava.mapping import canonical_key, hf_key_for
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
+from vipllava_jax.models.vipllava.mapping import canonical_key, hf_key_for
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import IMAGE_TOKEN, make_hf_model, make_word_tokenizer
 
-from vipllava_jax.convert import hf_to_orbax
 from vipllava_jax.commands.generate import main
+from vipllava_jax.convert import hf_to_orbax
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.processing.prompts import build_prompt
@@ -86,7 +86,7 @@ def test_cli_marker_draws_saves_and_answers(converted, capsys, tmp_path):
 def test_cli_marker_cut_by_crop_warns_in_one_line(converted, capsys, monkeypatch, pad):
     """The warning comes before the model loads; loading is stubbed out (the run above covers
     generation) to keep the test fast."""
-    from vipllava_jax import modeling
+    from vipllava_jax.models.vipllava import modeling
 
     def stop(*a, **k):
         raise VipLlavaError("stopped before loading the model")

@@ -1,44 +1,19 @@
-"""Two processes (jax.distributed on 127.0.0.1, 4 CPU devices each, gloo collectives) train
-with the losses of one process with 8 devices, across a stop and a resume from the checkpoint
-both processes wrote."""
+"""Several hosts through the command itself: two `vipllava-train` processes (4 CPU devices
+each, gloo collectives) joined by the JAX_* environment train with the losses of one process
+with 8 devices, across a stop and a resume; without the settings, a second trainer on the
+same output folder is refused rather than training twice."""
 
-import dataclasses
 import json
 import os
 import socket
 import subprocess
 import sys
-import textwrap
+import time
 
 import pytest
 from test_train_loop import run_config, workspace  # noqa: F401  (the fixture)
 
-from vipllava_jax.train.loop import train
-
-WORKER = textwrap.dedent('''
-    import json, os, sys
-    cfg_json, out, pid, nprocs, ndev, port, stop_after = sys.argv[1:8]
-    pid, nprocs, stop_after = int(pid), int(nprocs), int(stop_after)
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if nprocs > 1:
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=nprocs,
-                                   process_id=pid, initialization_timeout=120)
-    assert jax.process_count() == nprocs and jax.device_count() == 8, (jax.process_count(), jax.devices())
-    import dataclasses
-    from vipllava_jax.train import RunConfig, train
-    cfg = RunConfig.from_dict(json.loads(cfg_json))
-    history = []
-    if stop_after:  # stop as if killed, then resume from the last complete checkpoint
-        history += train(dataclasses.replace(cfg, stop_after=stop_after), progress=False)
-    history += train(cfg, progress=False)
-    with open(out, "w") as f:
-        json.dump([m["loss"] for m in history], f)
-    if nprocs > 1:
-        jax.distributed.shutdown()
-''')
+from vipllava_jax.train import train
 
 
 def _free_port():
@@ -47,43 +22,54 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, cfg, nprocs, ndev, port, tag, stop_after=0):
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    cfg_json = json.dumps(dataclasses.asdict(cfg))
+def _toml(cfg, path):
+    """The run config as the TOML file the command reads."""
+    def value(v):
+        return json.dumps(v) if isinstance(v, (str, bool, int, float)) else json.dumps(list(v))
+
+    top = {k: v for k, v in cfg.__dict__.items() if k != "train" and v is not None}
+    lines = [f"{k} = {value(v).lower() if isinstance(v, bool) else value(v)}" for k, v in top.items()]
+    lines.append("[train]")
+    lines += [f"{k} = {value(v)}" for k, v in cfg.train.__dict__.items() if not isinstance(v, tuple)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _command(config, overrides, log, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config), *overrides],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _env(ndev, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev}", JAX_PLATFORMS="cpu",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _run_pair(tmp_path, config, overrides, tag, timeout=240):
+    port = _free_port()
     procs = []
-    for pid in range(nprocs):
+    for pid in range(2):
         log = open(tmp_path / f"{tag}_{pid}.log", "w")
-        procs.append((subprocess.Popen(
-            [sys.executable, str(script), cfg_json, str(tmp_path / f"{tag}_{pid}.json"),
-             str(pid), str(nprocs), str(ndev), str(port), str(stop_after)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        ), log))
-    return procs
-
-
-def _kill(procs):
-    for p, log in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-        log.close()
-
-
-def _wait(procs, tmp_path, tag, timeout):
+        env = _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append((_command(config, overrides, log, env), log))
     try:
         for p, _ in procs:
             p.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass  # killed below; the return codes then fail the test
     finally:
-        _kill(procs)
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
     for pid, (p, _) in enumerate(procs):
         assert p.returncode == 0, (tag, pid, (tmp_path / f"{tag}_{pid}.log").read_text()[-4000:])
-    return [json.loads((tmp_path / f"{tag}_{pid}.json").read_text()) for pid in range(len(procs))]
+    return [(tmp_path / f"{tag}_{pid}.log").read_text() for pid in range(2)]
 
 
-def test_two_processes_give_the_losses_of_one(workspace, tmp_path):  # noqa: F811
+def test_two_hosts_through_the_command_give_the_losses_of_one(workspace, tmp_path):  # noqa: F811
     """fsdp=-1: the batch rows and every parameter are split over the 8 devices of both
     processes, so the step, the batch assembly and the checkpoint all cross processes.
     The pair stops after step 3 (saved at 2) and resumes: steps 3 and 4 run again from the
@@ -94,24 +80,68 @@ def test_two_processes_give_the_losses_of_one(workspace, tmp_path):  # noqa: F81
         pytest.skip(f"the reference run needs 8 CPU devices in this process, got {jax.device_count()}")
 
     def cfg(out):
-        return dataclasses.replace(run_config(workspace, out, steps=4, save_every=2),
-                                   mesh="fsdp=-1", batch_size=8)
+        return run_config(workspace, out, steps=4, save_every=2, mesh="fsdp=-1", batch_size=8, num_workers=1)
 
-    multi = _launch(tmp_path, cfg(tmp_path / "multi"), 2, 4, _free_port(), "multi", stop_after=3)
-    try:  # the one-process reference runs here (8 devices, conftest) while the pair runs
-        one = [m["loss"] for m in train(cfg(tmp_path / "single"), progress=False)]
-    except BaseException:
-        _kill(multi)
-        raise
-    both = _wait(multi, tmp_path, "multi", 240)
-    assert len(one) == 4
-    assert both[0] == both[1]
-    assert len(both[0]) == 3 + 2  # steps 1-3, then 3-4 after the resume from step 2
-    resumed = both[0][:3] + both[0][4:]
-    assert both[0][3] == both[0][2], "the resumed step 3 repeats the lost one exactly"
-    assert max(abs(a - b) for a, b in zip(resumed, one)) < 1e-5, (both[0], one)
-    # process 0 alone logs the metrics, and the checkpoint holds both hosts' data positions
-    lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 3, 4]
+    config = _toml(cfg(tmp_path / "multi"), tmp_path / "multi.toml")
+    logs = _run_pair(tmp_path, config, ["stop_after=3"], "first")
+    assert "process 0 of 2: 4 local of 8 devices" in logs[0] and "process 1 of 2" in logs[1], logs
+    _run_pair(tmp_path, config, [], "resumed")
+    one = [m["loss"] for m in train(cfg(tmp_path / "single"), progress=False)]
+
+    # process 0 alone logs the metrics: steps 1-3, then 3-4 after the resume from step 2
+    rows = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]
+    losses = [r["loss"] for r in rows]
+    assert losses[3] == losses[2], "the resumed step 3 repeats the lost one exactly"
+    assert max(abs(a - b) for a, b in zip(losses[:3] + losses[4:], one)) < 1e-5, (losses, one)
+    # one set of checkpoints, holding both hosts' data positions
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     data = json.loads(next((tmp_path / "multi" / "checkpoints" / "4").glob("data*/*")).read_text())
     assert [h["process_index"] for h in data["hosts"]] == [0, 1]
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(workspace, tmp_path):  # noqa: F811
+    """Two hosts started without the settings would each train alone into one folder: the
+    run lock refuses the second; once the first is killed, its stale lock does not block a
+    resume."""
+    config = _toml(run_config(workspace, tmp_path / "run", steps=400, save_every=1000, num_workers=1),
+                   tmp_path / "run.toml")
+    lock = tmp_path / "run" / ".run.lock"
+    with open(tmp_path / "a.log", "w") as log_a:
+        first = _command(config, [], log_a, _env(1))
+        try:
+            deadline = time.time() + 120
+            while not lock.exists() and first.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            assert lock.exists(), (tmp_path / "a.log").read_text()[-3000:]
+            second = subprocess.run(
+                [sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config)],
+                capture_output=True, text=True, env=_env(1), timeout=120)
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert f"is in use by process {first.pid}" in second.stderr
+            assert "Traceback" not in second.stderr
+        finally:
+            first.kill()
+            first.wait()
+    assert lock.exists()  # left behind by the killed trainer
+    resumed = subprocess.run(
+        [sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config), "steps=2", "train.total_steps=2"],
+        capture_output=True, text=True, env=_env(1), timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not lock.exists()
+
+
+def test_one_line_errors_for_incomplete_or_unjoined_settings(workspace, tmp_path, monkeypatch):  # noqa: F811
+    from vipllava_jax.train import TrainingError
+    from vipllava_jax.train.hosts import check_joined, detected_cluster, explicit_settings
+
+    with pytest.raises(TrainingError, match="missing: JAX_NUM_PROCESSES, JAX_PROCESS_ID"):
+        explicit_settings({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+    assert explicit_settings({"num_processes": 2, "process_id": 1, "coordinator_address": "h:1"}, {}) == {
+        "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == ("Cloud TPU", 4)
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}) == ("SLURM", 2)
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t0"}) is None
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1")
+    with pytest.raises(TrainingError, match="expects 2 processes but joined 1: run the same vipllava-train"):
+        check_joined(1)

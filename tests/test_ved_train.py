@@ -18,9 +18,8 @@ from test_ved_parity import caption_labels, images, make_hf_ved
 from vipllava_jax.convert import hf_to_orbax, orbax_to_hf
 from vipllava_jax.models.ved import VisionEncoderDecoderModel
 from vipllava_jax.processing.captions import image_preprocessor
-from vipllava_jax.train import TrainConfig, init_train_state, mesh_from_spec
+from vipllava_jax.train import RunConfig, TrainConfig, init_train_state, load_trained_model, mesh_from_spec, train
 from vipllava_jax.train.data import CaptionDataLoader
-from vipllava_jax.train import RunConfig, load_trained_model, train
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 CAPTIONS = {name: f"a {name} square" for name in COLOURS}

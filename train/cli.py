@@ -14,10 +14,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 train.learning_rate=1e-4")
     args = p.parse_args(argv)
 
+    import dataclasses
+
     from vipllava_jax.train import RunConfig, train
+    from vipllava_jax.train.hosts import join_hosts
 
     try:
-        train(RunConfig.from_file(args.config, args.overrides))
+        cfg = RunConfig.from_file(args.config, args.overrides)
+        join_hosts(dataclasses.asdict(cfg))  # before anything touches a device
+        train(cfg)
     except (VipLlavaError, OSError) as e:
         print(f"vipllava-train: error: {e}", file=sys.stderr)
         return 2

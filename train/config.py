@@ -15,14 +15,14 @@ from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.registry import STAGES
 from vipllava_jax.train import lora
 
-# Remat policies applied to each decoder layer (see `_remat_decoder_layers`).
+# Remat policies of each decoder layer (the `remat=` of the model's `loss_terms`).
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
     "none": None,  # no rematerialisation: every activation is kept
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
 
-# TrainConfig.attention choices (see `_use_attention`).
+# TrainConfig.attention choices (resolved per model part by `step.attention_kernels`).
 ATTENTION = ("auto", "xla", "cudnn", "pallas")
 
 
@@ -47,16 +47,15 @@ class TrainConfig:
         alpha / r, and which projections of each decoder layer get one (`lora.TARGETS`).
       remat: "none", "full" or "dots": rematerialisation of each decoder layer's activations
         in the backward pass (`REMAT_POLICIES`).
-      attention: the kernel of the decoder's and vision tower's attention. "xla": XLA's
+      attention: the attention kernel of the model's parts that have a fused path (the
+        model's `attention_dtypes`: VipLlava's decoder and vision tower). "xla": XLA's
         softmax(QK^T)V from a dense mask, which materialises every layer's [B, N, T, T]
         scores; "cudnn": cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16 compute; the
         batch must be right-padded, as the training loaders make it); "pallas": JAX's Pallas
         splash-attention kernel for TPUs (any dtype; right-padded batches too; causal,
         sliding-window and full masks; GQA as it is); "auto": "cudnn" where
         the mesh is on NVIDIA GPUs, for the parts computing in bf16/fp16, "pallas" on TPUs,
-        else "xla". The ~1B train step compiled for an H200 (benchmarks/gpu_hlo.py --program
-        train) needs at least 153.6 ms of HBM and tensor-core time with "xla", 86.1 ms with
-        "cudnn"; for TPUs see benchmarks/tpu_hlo.py.
+        else "xla" (benchmarks/gpu_hlo.py and benchmarks/tpu_hlo.py compare their step costs).
       lr_multipliers: {top-level submodule: factor}: that submodule's updates (learning rate
         and weight decay alike) times the factor, e.g. `{"vision_tower": 0.1}` (LLaVA-NeXT's
         separate vision tower learning rate). Names must be trained by the stage.
@@ -132,6 +131,11 @@ class RunConfig:
     tensorboard: bool = True  # also write TensorBoard event files to output_dir/tensorboard
     peak_tflops: float | None = None  # per device, for MFU; None: looked up by device kind
     stop_after: int | None = None  # stop early at this step (as if killed), for tests
+    # several hosts, when not from the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    # JAX_PROCESS_ID environment or a detected cluster (train/hosts.py)
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     @classmethod

@@ -38,6 +38,7 @@ from vipllava_jax.train.config import RunConfig, TrainingError
 from vipllava_jax.train.data import CaptionDataLoader, LoaderOptions, RecordLoader, TrainDataLoader
 from vipllava_jax.train.export import RUN_CONFIG
 from vipllava_jax.train.flops import device_peak_tflops, train_flops_per_token
+from vipllava_jax.train.hosts import check_joined, explicit_settings, run_lock, topology
 from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
 from vipllava_jax.train.step import init_train_state, make_train_step
 
@@ -46,7 +47,6 @@ def _prepare_output(cfg: RunConfig) -> Path:
     """The output folder carries the model config and tokenizer files, so that a training
     checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`)."""
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() != 0:  # one writer when several processes share the folder
         return out
     for f in Path(cfg.model).iterdir():
@@ -58,7 +58,18 @@ def _prepare_output(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
-    """Runs (or resumes) the training run; returns the metrics of the steps it ran."""
+    """Runs (or resumes) the training run; returns the metrics of the steps it ran.
+
+    On several hosts every process calls this with the same config, after joining the others
+    (`hosts.join_hosts`, which `vipllava-train` calls itself)."""
+    settings = explicit_settings(dataclasses.asdict(cfg))
+    check_joined(settings["num_processes"] if settings else 1)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    with run_lock(cfg.output_dir):
+        return _train(cfg, progress=progress)
+
+
+def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
     out = _prepare_output(cfg)
     mesh = mesh_from_spec(cfg.mesh)
     model = family_of(cfg.model).model_class.from_pretrained(
@@ -67,6 +78,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     hosts, primary = jax.process_count(), jax.process_index() == 0
     if cfg.batch_size % hosts:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
+    if progress:
+        tqdm.write(topology(mesh, cfg.batch_size))
     loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
     model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)

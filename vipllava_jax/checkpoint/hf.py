@@ -134,7 +134,7 @@ def read_hf_params(
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"missing weight {missing[0]}{more} in {folder}")
     params = {}
-    for key, path, leaf, read in tqdm(plan, desc="tensors", unit="tensor", disable=not progress):
+    for _key, path, leaf, read in tqdm(plan, desc="tensors", unit="tensor", disable=not progress):
         array = leaf.to_jax(read())
         params[path] = convert(path, array) if convert else np.array(array)
         del array

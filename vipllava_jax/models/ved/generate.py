@@ -28,7 +28,7 @@ from flax import nnx, struct
 
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.nn.layers import KVCache
-from vipllava_jax.nn.sampling import SamplingParams, eos_array
+from vipllava_jax.nn.sampling import SamplingParams, eos_array, pick
 
 NEG = -1.0e9  # transformers' "never pick this" score offset
 
@@ -115,7 +115,7 @@ def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sa
     cross_kv, logits, cache = _start(model, pixel_values, b, length, start_id)
     tokens = jnp.full((b, length), sampling.pad_id, jnp.int32).at[:, 0].set(start_id)
 
-    def pick(s: GreedyState) -> GreedyState:
+    def advance(s: GreedyState) -> GreedyState:
         """The next token from `s.logits`, written after the `1 + s.step` tokens so far."""
         cur_len = 1 + s.step
         scores = ban_repeated_ngrams(s.logits, s.tokens, cur_len, ngram)
@@ -128,9 +128,9 @@ def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sa
         # a cond holding the cache made XLA copy it every step (see vipllava_jax.models.vipllava.generate).
         last = jax.lax.dynamic_index_in_dim(s.tokens, s.step, axis=1, keepdims=False)
         logits, cache = _step_forward(model, cross_kv, last, s.cache, s.step)
-        return pick(s.replace(logits=logits, cache=cache))
+        return advance(s.replace(logits=logits, cache=cache))
 
-    state = pick(GreedyState(step=jnp.int32(0), tokens=tokens, done=jnp.zeros((b,), bool), logits=logits,
+    state = advance(GreedyState(step=jnp.int32(0), tokens=tokens, done=jnp.zeros((b,), bool), logits=logits,
                              cache=cache))
     return jax.lax.while_loop(lambda s: (s.step < max_new) & ~jnp.all(s.done), body, state)
 
