@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import tiny_config
 
+from tests.helpers import tiny_config
 from vipllava_jax import ConfigError, VipLlavaConfig
 from vipllava_jax.models.vipllava.config import TextConfig
 

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-from test_train_loop import run_config, workspace  # noqa: F401  (the fixture)
 
+from tests.helpers.train import run_config
 from vipllava_jax.train import train
 
 
@@ -69,7 +69,7 @@ def _run_pair(tmp_path, config, overrides, tag, timeout=240):
     return [(tmp_path / f"{tag}_{pid}.log").read_text() for pid in range(2)]
 
 
-def test_two_hosts_through_the_command_give_the_losses_of_one(workspace, tmp_path):  # noqa: F811
+def test_two_hosts_through_the_command_give_the_losses_of_one(workspace, tmp_path):
     """fsdp=-1: the batch rows and every parameter are split over the 8 devices of both
     processes, so the step, the batch assembly and the checkpoint all cross processes.
     The pair stops after step 3 (saved at 2) and resumes: steps 3 and 4 run again from the
@@ -100,7 +100,7 @@ def test_two_hosts_through_the_command_give_the_losses_of_one(workspace, tmp_pat
     assert [h["process_index"] for h in data["hosts"]] == [0, 1]
 
 
-def test_a_second_trainer_on_the_same_folder_is_refused(workspace, tmp_path):  # noqa: F811
+def test_a_second_trainer_on_the_same_folder_is_refused(workspace, tmp_path):
     """Two hosts started without the settings would each train alone into one folder: the
     run lock refuses the second; once the first is killed, its stale lock does not block a
     resume."""
@@ -125,13 +125,13 @@ def test_a_second_trainer_on_the_same_folder_is_refused(workspace, tmp_path):  #
             first.wait()
     assert lock.exists()  # left behind by the killed trainer
     resumed = subprocess.run(
-        [sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config), "steps=2", "train.total_steps=2"],
+        [sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config), "steps=3", "train.total_steps=3"],
         capture_output=True, text=True, env=_env(1), timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not lock.exists()
 
 
-def test_one_line_errors_for_incomplete_or_unjoined_settings(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_one_line_errors_for_incomplete_or_unjoined_settings(workspace, tmp_path, monkeypatch):
     from vipllava_jax.train import TrainingError
     from vipllava_jax.train.hosts import check_joined, detected_cluster, explicit_settings
 

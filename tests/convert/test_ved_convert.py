@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
-from test_ved_parity import ATOL, caption_labels, hf_veds, images, torch_out  # noqa: F401 (fixture)
 
+from tests.helpers.ved import ATOL, caption_labels, images, torch_out
 from vipllava_jax.checkpoint import MARKER
 from vipllava_jax.convert.cli import main
 from vipllava_jax.models.ved import VisionEncoderDecoderModel

@@ -5,14 +5,12 @@ import struct
 
 import jax
 import numpy as np
-import PIL.Image
 import pytest
 import torch
-from conftest import make_hf_model, make_word_tokenizer
 
-from vipllava_jax.convert import hf_to_orbax, orbax_to_hf
+from tests.helpers.train import run_config
+from vipllava_jax.convert import orbax_to_hf
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration as JaxModel
-from vipllava_jax.processing.prompts import build_prompt
 from vipllava_jax.train import (
     RunConfig,
     TrainingError,
@@ -20,40 +18,6 @@ from vipllava_jax.train import (
     load_trained_model,
     train,
 )
-
-QUESTIONS = ["What is inside the red rectangle ?", "What does the arrow point at ?"]
-ANSWERS = ["a cat on a chair", "a dog near the door", "the red car", "two small birds"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A converted tiny model with a tokenizer, and 8 LLaVA-format records with images."""
-    root = tmp_path_factory.mktemp("train")
-    hf = make_hf_model(seed=1)
-    hf.save_pretrained(root / "hf")
-    make_word_tokenizer(root / "hf", [build_prompt(q) for q in QUESTIONS] + ANSWERS + ["###"])
-    hf_to_orbax(root / "hf", root / "model")
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir()
-    with open(root / "data.jsonl", "w") as f:
-        for i in range(8):
-            PIL.Image.fromarray(rng.integers(0, 256, (28, 28, 3), np.uint8)).save(root / "images" / f"{i}.png")
-            record = {"id": str(i), "image": f"{i}.png", "conversations": [
-                {"from": "human", "value": "<image>\n" + QUESTIONS[i % 2]},
-                {"from": "gpt", "value": ANSWERS[i % 2]},  # determined by the question
-            ]}
-            f.write(json.dumps(record) + "\n")
-    return root
-
-
-def run_config(root, out, **kw):
-    train_kw = kw.pop("train", {})
-    return RunConfig.from_dict(dict(
-        model=str(root / "model"), data=str(root / "data.jsonl"), image_folder=str(root / "images"),
-        output_dir=str(out), mesh="data=-1", batch_size=8, max_length=64, dtype="float32",
-        num_workers=2, **kw,
-        train=dict(**{"learning_rate": 3e-3, "warmup_steps": 2, **train_kw}),
-    ))
 
 
 def test_tiny_model_overfits_and_exports_to_transformers(workspace, tmp_path):

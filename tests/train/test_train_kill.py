@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 import pytest
-from jax._src import compilation_cache
-from test_train_loop import run_config, workspace  # noqa: F401  (workspace is a fixture)
+from jax.experimental.compilation_cache import compilation_cache
 
+from tests.helpers.train import run_config
 from vipllava_jax.train.loop import train
 
 STEPS = 8
@@ -99,7 +99,7 @@ def _kill_mid_run(workspace, tmp_path, out: Path, env: dict[str, str]) -> tuple[
     return _logged_steps(out), in_flight
 
 
-def test_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_path, compile_cache):  # noqa: F811
+def test_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_path, compile_cache):
     out = tmp_path / "killed"
     logged, in_flight = _kill_mid_run(workspace, tmp_path, out, compile_cache)
     assert logged and max(logged) < STEPS, logged

@@ -5,8 +5,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_hf_model, make_word_tokenizer
 
+from tests.helpers import IMAGE_TOKEN, make_hf_model, make_word_tokenizer
 from vipllava_jax.commands.generate import main
 from vipllava_jax.convert import hf_to_orbax
 from vipllava_jax.errors import VipLlavaError

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import jaxpr_eqns
-from test_ved_parity import PAD, START, VOCAB, hf_veds, images  # noqa: F401 (fixture)
 
+from tests.helpers import jaxpr_eqns
+from tests.helpers.ved import PAD, START, VOCAB, images
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.models.ved import VisionEncoderDecoderModel
 
@@ -106,7 +106,7 @@ def test_bad_generate_arguments(gpt2):
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
-    """As VipLlava's decode loop (tests/test_generate.py): a cond holding the self-attention
+    """As VipLlava's decode loop (tests/models/test_generate.py): a cond holding the self-attention
     cache made XLA copy it at every step; only the greedy/sampled pick may branch."""
     import jax
 

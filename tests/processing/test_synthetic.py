@@ -342,7 +342,7 @@ def test_recipe_experiment_mixes_markers_alone_and_objects_records(monkeypatch):
     assert seen >= 4  # (a filled mask may hide all of it)
 
 
-MAKE_SH = Path(__file__).parent.parent / "tools" / "tiny_vipllava" / "make.sh"
+MAKE_SH = Path(__file__).parents[2] / "tools" / "tiny_vipllava" / "make.sh"
 MARKER = ".tiny_vipllava_make"  # make.sh's mark on the work folders it made
 
 

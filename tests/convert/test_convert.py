@@ -20,9 +20,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
-from conftest import make_hf_model, make_inputs, save_hf_model, torch_forward
 from flax import nnx
 
+from tests.helpers import make_hf_model, make_inputs, save_hf_model, torch_forward
 from vipllava_jax.checkpoint import MARKER, PARAMS_DIR
 from vipllava_jax.convert.cli import main
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration

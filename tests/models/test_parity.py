@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, make_hf_model, make_inputs, save_hf_model, torch_forward
 from flax import nnx
 
+from tests.helpers import IMAGE_TOKEN, make_hf_model, make_inputs, save_hf_model, torch_forward
 from vipllava_jax import VipLlavaError, VipLlavaForConditionalGeneration
 
 ATOL = 1e-4

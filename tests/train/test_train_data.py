@@ -8,8 +8,8 @@ import json
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import IMAGE_TOKEN, make_word_tokenizer
 
+from tests.helpers import IMAGE_TOKEN, make_word_tokenizer
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.processing.prompts import TEMPLATES, build_prompt

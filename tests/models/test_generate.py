@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, jaxpr_eqns, make_hf_model, make_inputs
 
+from tests.helpers import IMAGE_TOKEN, jaxpr_eqns, make_hf_model, make_inputs
 from vipllava_jax import VipLlavaError, VipLlavaForConditionalGeneration
 from vipllava_jax.models.vipllava import generate as gen
 

@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
-from conftest import make_hf_model, make_inputs, torch_forward
 from jax.sharding import PartitionSpec as P
 
+from tests.helpers import make_hf_model, make_inputs, torch_forward
 from vipllava_jax import VipLlavaForConditionalGeneration, make_mesh
 from vipllava_jax.convert import hf_to_orbax
 from vipllava_jax.nn.sharding import logical_to_spec

@@ -12,9 +12,9 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import make_word_tokenizer, traced_and_estimated_flops
-from test_ved_parity import caption_labels, images, make_hf_ved
 
+from tests.helpers import make_word_tokenizer, traced_and_estimated_flops
+from tests.helpers.ved import caption_labels, images, make_hf_ved
 from vipllava_jax.convert import hf_to_orbax, orbax_to_hf
 from vipllava_jax.models.ved import VisionEncoderDecoderModel
 from vipllava_jax.processing.captions import image_preprocessor

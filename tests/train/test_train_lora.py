@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import make_hf_model, make_inputs
 from flax import nnx
 from torch.nn.utils import parametrize
 
+from tests.helpers import make_hf_model, make_inputs
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
 from vipllava_jax.convert import orbax_to_hf

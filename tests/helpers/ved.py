@@ -1,0 +1,65 @@
+"""Tiny random transformers VisionEncoderDecoder models (built and saved by transformers
+itself) and their inputs, for the `test_ved_*` files; the `hf_veds` fixture is in tests/conftest.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+VOCAB = 61
+START, PAD = 1, 0
+ATOL = 1e-4
+
+# name -> (encoder type, decoder type, decoder hidden size, tie_word_embeddings)
+SHAPES = {
+    "vit_gpt2": ("vit", "gpt2", 32, True),
+    "vit_bert": ("vit", "bert", 32, True),
+    "deit_gpt2_proj": ("deit", "gpt2", 48, False),  # enc_to_dec_proj: 32 -> 48, untied head
+    "vit_bert_proj": ("vit", "bert", 48, False),
+}
+
+
+def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True):
+    from transformers import BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
+
+    enc_cls = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
+    enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    common = dict(vocab_size=VOCAB, is_decoder=True, add_cross_attention=True, tie_word_embeddings=tied,
+                  bos_token_id=START, eos_token_id=2, pad_token_id=PAD)
+    if decoder == "gpt2":
+        dec = GPT2Config(n_embd=dec_hidden, n_layer=2, n_head=4, n_positions=64, **common)
+    else:
+        dec = BertConfig(hidden_size=dec_hidden, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, **common)
+    return VisionEncoderDecoderConfig(encoder=enc.to_dict(), decoder=dec.to_dict(),
+                                      decoder_start_token_id=START, pad_token_id=PAD)
+
+
+def make_hf_ved(*shape, seed=0):
+    """A transformers VisionEncoderDecoderModel with every parameter perturbed (so norms and
+    biases matter too), in eval mode."""
+    from transformers import VisionEncoderDecoderModel as HF
+
+    torch.manual_seed(seed)
+    model = HF(ved_config(*shape)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def images(batch=2, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+
+
+def caption_labels(batch=2, seq=7, seed=0) -> np.ndarray:
+    """Random token labels, the second row ending in -100 (a shorter caption)."""
+    labels = np.random.default_rng(seed).integers(3, VOCAB, (batch, seq))
+    labels[1, seq - 2:] = -100
+    return labels
+
+
+def torch_out(model, **inputs):
+    with torch.no_grad():
+        return model(**{k: torch.tensor(v) for k, v in inputs.items()})
