@@ -17,7 +17,7 @@ from conftest import assert_grads_match, make_hf_model, make_inputs, tiny_config
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
-from vipllava_jax.nn.layers import KeyLengths, attention, attention_stacks, decoder_mask, use_attention_kernel
+from vipllava_jax.nn.layers import KeyLengths, attention, decoder_mask
 from vipllava_jax.train import (
     TrainConfig,
     init_train_state,
@@ -26,7 +26,7 @@ from vipllava_jax.train import (
     mesh_from_spec,
     shard_batch,
 )
-from vipllava_jax.train.step import _use_attention
+from vipllava_jax.train.step import attention_kernels
 
 
 def right_padded(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -71,15 +71,17 @@ def assert_model_on_kernel_matches_transformers(tmp_path, text_model: str, kerne
     out, torch_grads = torch_loss_and_grads(hf, inputs)
 
     model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path)
-    assert len(use_attention_kernel(model, kernel)) == 2  # the decoder and the vision tower
+    assert set(model.attention_dtypes()) == {"language_model", "vision_tower"}
+    kernels = dict.fromkeys(model.attention_dtypes(), kernel)  # the decoder and the vision tower
     batch = {k: jnp.asarray(v) for k, v in inputs.items()}
-    logits = jax.jit(lambda b: model(b["input_ids"], b["pixel_values"], b["attention_mask"]).logits)(batch)
+    logits = jax.jit(lambda b: model.forward(b["input_ids"], b["pixel_values"], b["attention_mask"],
+                                             attention=kernels).logits)(batch)
     real = inputs["attention_mask"] == 1
     np.testing.assert_allclose(np.asarray(logits)[real], out.logits.detach().numpy()[real], atol=1e-4)
 
     mesh = mesh_from_spec("data=1", devices=jax.devices()[:1])
-    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)  # the graphdef keeps `kernel`
-    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b))  # attention=None: as it is
+    graphdef, state, _ = init_train_state(model, TrainConfig(), mesh)
+    fn = jax.jit(lambda p, f, b: loss_and_grads(graphdef, p, f, b, attention=kernels))
     loss, grads, _ = fn(state.params, state.frozen, batch)
     np.testing.assert_allclose(float(loss), out.loss.item(), rtol=1e-5)
     worst = assert_grads_match(flatten(grads), torch_grads)
@@ -107,8 +109,10 @@ def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts_and_pallas_on_
     def fresh(dtype):
         return VipLlavaForConditionalGeneration.abstract(config, dtype=dtype)
 
-    def kernels(model):
-        return [m.attention_kernel for m in attention_stacks(model)]
+    def kernels(choice, platform, model):  # (vision tower, decoder)
+        got = attention_kernels(model, choice, platform)
+        assert set(got) == {"vision_tower", "language_model"}
+        return [got["vision_tower"], got["language_model"]]
 
     bf16, fp32 = fresh("bfloat16"), fresh("float32")
     for attention_choice, platform, model, want in [
@@ -123,14 +127,24 @@ def test_auto_picks_cudnn_on_nvidia_gpus_for_half_precision_parts_and_pallas_on_
         ("pallas", "tpu", fp32, ["pallas", "pallas"]),
         ("xla", "tpu", bf16, [None, None]),
     ]:
-        _use_attention(model, attention_choice, platform)
-        assert kernels(model) == want, (attention_choice, platform)
+        assert kernels(attention_choice, platform, model) == want, (attention_choice, platform)
+    # per part: a float32 tower beside a bf16 decoder stays on dense masks under "auto"
+    mixed = {"vision_tower": "float32", "language_model": "bfloat16"}
+    assert attention_kernels(mixed, "auto", "cuda") == {"vision_tower": None, "language_model": "cudnn"}
     with pytest.raises(ValueError, match="runs on NVIDIA GPUs"):
-        _use_attention(bf16, "cudnn", "cpu")
+        attention_kernels(bf16, "cudnn", "cpu")
     with pytest.raises(ValueError, match="attention='pallas' runs on TPUs; this mesh is on 'cuda'"):
-        _use_attention(bf16, "pallas", "cuda")
+        attention_kernels(bf16, "pallas", "cuda")
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        _use_attention(fp32, "cudnn", "cuda")
+        attention_kernels(fp32, "cudnn", "cuda")
+    with pytest.raises(ValueError, match="bfloat16 or float16; this model computes in float32"):
+        attention_kernels(mixed, "cudnn", "cuda")
+    with pytest.raises(ValueError, match="no fused attention path"):
+        attention_kernels({}, "pallas", "tpu")
+    with pytest.raises(ValueError, match=r"has no fused attention path in \['decoder'\]"):
+        bf16.forward(jnp.zeros((1, 2), jnp.int32), attention={"decoder": "cudnn"})
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        bf16.forward(jnp.zeros((1, 2), jnp.int32), attention={"language_model": "flash"})
     with pytest.raises(ValueError, match="attention must be one of"):
         TrainConfig(attention="flash")
 

@@ -1,9 +1,10 @@
 """The training step: gradients equal transformers', and the step gives the same result on one
-device, on sharded meshes, with micro-batch accumulation and with remat; stages freeze what
-they should; bf16 compute keeps float32 master weights.
+device, on sharded meshes, with micro-batch accumulation and with remat (a policy the model
+applies to each decoder layer); stages freeze what they should; bf16 compute keeps float32
+master weights.
 
-Every step compiles once (~10-15 s each on 2 CPU cores), so the tests share one reference
-step (one device, stage "full", float32) and each other configuration is compared with it.
+Compiling a step is what these tests spend their time on, so they share one reference step
+(one device, stage "full", float32) and each other configuration is compared with it.
 Adam's first update is ~lr * sign(grad); `eps=1e-6` keeps it smooth in the gradient, so that
 float summation order (sharding, accumulation) moves the updated params by far less than 1e-5.
 """
@@ -20,6 +21,7 @@ from conftest import (
     assert_grads_match,
     make_hf_model,
     make_inputs,
+    tiny_config,
     torch_loss_and_grads,
     traced_and_estimated_flops,
 )
@@ -27,8 +29,12 @@ from flax import nnx
 
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
+from vipllava_jax.models.ved import VisionEncoderDecoderModel
+from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
+from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.nn.sharding import logical_to_spec
 from vipllava_jax.train import (
+    REMAT_POLICIES,
     TrainConfig,
     init_train_state,
     learning_rate_schedule,
@@ -191,6 +197,64 @@ def test_loss_and_grads_match_transformers(tiny):
         "lm_head.kernel",
         *grads,  # and every other trainable parameter
     ])
+
+
+def checkpointed_layers(jaxpr) -> list:
+    """The policy of each `jax.checkpoint` call in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("checkpoint", "remat2"):
+            found.append(eqn.params["policy"])
+        for param in eqn.params.values():
+            sub = getattr(param, "jaxpr", param)
+            if hasattr(sub, "eqns"):
+                found += checkpointed_layers(sub)
+    return found
+
+
+def tiny_ved_config(decoder: str) -> VisionEncoderDecoderConfig:
+    """A 2-layer ViT encoder and a 3-layer GPT-2 or BERT decoder."""
+    from transformers import BertConfig, GPT2Config, ViTConfig
+    from transformers import VisionEncoderDecoderConfig as HFConfig
+
+    enc = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=32, patch_size=8)
+    common = dict(vocab_size=61, is_decoder=True, add_cross_attention=True, pad_token_id=0, bos_token_id=1)
+    if decoder == "gpt2":
+        dec = GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common)
+    else:
+        dec = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         max_position_embeddings=64, **common)
+    hf = HFConfig(encoder=enc.to_dict(), decoder=dec.to_dict(), decoder_start_token_id=1, pad_token_id=0)
+    return VisionEncoderDecoderConfig.from_hf_dict(hf.to_dict())
+
+
+@pytest.mark.parametrize("family", ["vipllava", "ved-gpt2", "ved-bert"])
+def test_remat_wraps_each_decoder_layer_only_when_a_policy_is_given(family):
+    # decoders of 2 (VipLlava) or 3 (VED) layers beside image encoders of 3 or 2: the count
+    # says which stack is rematerialised
+    if family == "vipllava":
+        hf_config = tiny_config(vision_layers=3, feature_layers=(-1, 0))
+        model = VipLlavaForConditionalGeneration.abstract(VipLlavaConfig.from_hf_dict(hf_config.to_dict()))
+        layers = model.config.text_config.num_hidden_layers
+        batch = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32 if v.dtype.kind == "i" else jnp.float32)
+                 for k, v in make_inputs(hf_config).items()}
+    else:
+        config = tiny_ved_config(family.removeprefix("ved-"))
+        model = VisionEncoderDecoderModel.abstract(config)
+        layers = config.decoder.num_hidden_layers
+        size = config.encoder.image_size
+        batch = {"pixel_values": jax.ShapeDtypeStruct((2, 3, size, size), jnp.float32),
+                 "labels": jax.ShapeDtypeStruct((2, 7), jnp.int32)}
+    graphdef, state = nnx.split(model)
+
+    def policies(remat):
+        loss = lambda s, b: nnx.merge(graphdef, s).loss_terms(b, remat=REMAT_POLICIES[remat])[0]
+        return checkpointed_layers(jax.make_jaxpr(loss)(state, batch).jaxpr)
+
+    assert policies("none") == []
+    for remat in ("full", "dots"):
+        assert policies(remat) == [REMAT_POLICIES[remat]] * layers, remat
 
 
 # -- the step ------------------------------------------------------------------------------------

@@ -9,9 +9,6 @@ The model is split once into a graph definition and two plain nested dicts of ar
     frozen   the rest (VipLlava: the vision tower, except in "all"); no gradients, no
              optimizer state
 
-The model supplies the loss (`loss_terms`) and the decoder layers to rematerialise
-(`remat_targets`), so VipLlava and the VisionEncoderDecoder captioner share this step.
-
 and the step is a pure function of those dicts, jitted with explicit shardings:
 
     batch [B, ...] --split into grad_accum strided micro-batches--> [A, B/A, ...]
@@ -22,6 +19,12 @@ and the step is a pure function of those dicts, jitted with explicit shardings:
 Dividing by the global token count once, at the end, makes the loss and the gradients the
 same for any device count and any number of micro-batches (up to float summation order).
 
+The model supplies the loss (`loss_terms`) and the parts that can run a fused attention kernel
+(`attention_dtypes`), so VipLlava and the VisionEncoderDecoder captioner share this step. The
+kernel of each part (`attention_kernels`, from `TrainConfig.attention` and the mesh's platform)
+and the remat policy of the decoder layers (`REMAT_POLICIES`) are chosen once, when the step is
+traced, and passed to `loss_terms` as arguments.
+
 Batches are dicts of arrays with `labels` [B, T] (-100 = not counted) and whatever the model's
 `loss_terms(batch) -> (summed NLL, counted tokens)` reads: for VipLlava `input_ids`,
 `attention_mask` [B, T] and optionally `pixel_values` [B*k, 3, H, W] (k images per row, the
@@ -30,7 +33,7 @@ same for every row) and `position_ids`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -39,10 +42,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from vipllava_jax.nn import layers
 from vipllava_jax.nn.sharding import LOGICAL_AXIS_RULES, state_shardings
 from vipllava_jax.train import lora
-from vipllava_jax.train.config import ATTENTION, REMAT_POLICIES, TrainConfig  # noqa: F401
+from vipllava_jax.train.config import ATTENTION, REMAT_POLICIES, TrainConfig
 from vipllava_jax.train.mesh import batch_sharding, data_sharding, replicated
 
 Batch = dict[str, jax.Array]
@@ -178,64 +180,48 @@ def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
 
 # -- loss and gradients ------------------------------------------------------------------------
 
-class _Remat(nnx.Module):
-    """A decoder layer whose activations are recomputed in the backward pass."""
-
-    def __init__(self, layer: nnx.Module, policy: Callable[..., bool]):
-        self.layer = layer
-        self.policy = policy
-
-    def __call__(self, *args):
-        return nnx.remat(lambda layer, *a: layer(*a), policy=self.policy)(self.layer, *args)
-
-    def __getattr__(self, name):  # the layer's other parts (a decoder reads its cross-attention)
-        if name == "layer":
-            raise AttributeError(name)
-        return getattr(self.layer, name)
+def mesh_platform(mesh: Mesh | None = None) -> str:
+    """The platform `attention_kernels` reads: "cuda" for NVIDIA GPUs, else the JAX platform
+    name of the mesh's devices (of the default backend without a mesh)."""
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    return "cuda" if device.platform == "gpu" and "NVIDIA" in device.device_kind else device.platform
 
 
-def _remat_decoder_layers(model: nnx.Module, remat: str) -> None:
-    """Wraps each decoder layer of `model` (a throwaway copy merged inside the trace; the
-    layer lists are the model's `remat_targets()`) in `jax.checkpoint` with the named policy,
-    so the decoder's own forward runs unchanged.
+def attention_kernels(model: nnx.Module | Mapping[str, Any], attention: str,
+                      platform: str) -> dict[str, str | None]:
+    """The attention kernel of each part of `model` that has a fused path, for the
+    `TrainConfig.attention` choice `attention` on `platform` (`mesh_platform`): the
+    `attention=` argument of the model's `loss_terms`.
 
-    Per layer, not around the whole loss: checkpointing the whole loss would recompute the
-    forward in one piece before the backward and keep every activation again (no saving).
+    `model` is a model or its `attention_dtypes()` (part -> compute dtype). "xla": every part
+    on dense masks (None); "cudnn" and "pallas": that kernel, on its hardware only, and cuDNN's
+    for bf16/fp16 parts only; "auto": "pallas" on TPUs, "cudnn" for the bf16/fp16 parts on
+    NVIDIA GPUs, else dense masks.
     """
-    if remat == "none":
-        return
-    for owner, name in model.remat_targets():
-        layers = getattr(owner, name)
-        setattr(owner, name, nnx.List([_Remat(layer, REMAT_POLICIES[remat]) for layer in layers]))
-
-
-def _use_attention(model: nnx.Module, attention: str, platform: str) -> None:
-    """Points the attention of `model` (a throwaway copy merged inside the trace, like
-    `_remat_decoder_layers`) at the kernel that `TrainConfig.attention` names on `platform`
-    ("cuda" for NVIDIA GPUs, else the JAX platform name)."""
-    stacks = layers.attention_stacks(model)
-    half = [jnp.dtype(m.dtype) in (jnp.bfloat16, jnp.float16) for m in stacks]
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    is_model = isinstance(model, nnx.Module)
+    dtypes = {part: jnp.dtype(d) for part, d in (model.attention_dtypes() if is_model else model).items()}
+    half = {part: d in (jnp.bfloat16, jnp.float16) for part, d in dtypes.items()}
     needs = {"cudnn": ("cuda", "NVIDIA GPUs"), "pallas": ("tpu", "TPUs")}
     if attention in needs:
         want, hardware = needs[attention]
         if platform != want:
             raise ValueError(f"attention={attention!r} runs on {hardware}; this mesh is on "
                              f"{platform!r} (use attention='auto' or 'xla')")
-        if not stacks:
-            raise ValueError(f"{type(model).__name__} has no fused attention path; use "
-                             f"attention='xla'")
-    if attention == "cudnn" and not all(half):
-        dtype = next(jnp.dtype(m.dtype).name for m, is_half in zip(stacks, half) if not is_half)
+        if not dtypes:
+            name = type(model).__name__ if is_model else "this model"
+            raise ValueError(f"{name} has no fused attention path; use attention='xla'")
+    if attention == "cudnn" and not all(half.values()):
+        dtype = next(dtypes[part].name for part, is_half in half.items() if not is_half)
         raise ValueError(f"cuDNN's fused attention computes in bfloat16 or float16; this "
                          f"model computes in {dtype} (set the compute dtype to bfloat16, "
                          f"or use attention='xla')")
-    for m, is_half in zip(stacks, half):
-        if attention == "xla":
-            m.attention_kernel = None
-        elif platform == "tpu":
-            m.attention_kernel = "pallas"
-        else:
-            m.attention_kernel = "cudnn" if platform == "cuda" and is_half else None
+    if attention == "xla":
+        return dict.fromkeys(dtypes)
+    if platform == "tpu":
+        return dict.fromkeys(dtypes, "pallas")
+    return {part: "cudnn" if platform == "cuda" and is_half else None for part, is_half in half.items()}
 
 
 def micro_batches(batch: Batch, grad_accum: int) -> Batch:
@@ -267,7 +253,7 @@ def loss_and_grads(
     *,
     grad_accum: int = 1,
     remat: str = "none",
-    attention: str | None = None,
+    attention: str | Mapping[str, str | None] | None = None,
     mesh: Mesh | None = None,
     param_shardings: Params | None = None,
 ) -> tuple[jax.Array, Params, jax.Array]:
@@ -278,25 +264,25 @@ def loss_and_grads(
       batch: the global batch (see the module docstring).
       grad_accum: run the batch as this many micro-batches (`lax.scan`): same result,
         1/grad_accum of the activation memory.
-      remat: a `REMAT_POLICIES` name.
-      attention: a `TrainConfig.attention` choice ("auto", "cudnn" and "pallas" read the platform of
-        `mesh`, or of the default backend without one); None: the model's attention as it is
-        (dense masks unless `layers.use_attention_kernel` set a kernel).
+      remat: a `REMAT_POLICIES` name, the policy each decoder layer is rematerialised with.
+      attention: a `TrainConfig.attention` choice, resolved by `attention_kernels` ("auto",
+        "cudnn" and "pallas" read the platform of `mesh`, or of the default backend without
+        one); or the kernels themselves, the `attention=` of the model's `loss_terms`; None:
+        the model's default, dense masks.
       mesh, param_shardings: if given, micro-batches stay sharded over the data axes and the
         gradient accumulator like the params (sharding constraints; the values are unchanged).
     Returns:
       (loss, grads, tokens): float32 scalars and a tree like `params`.
     """
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    nvidia = device.platform == "gpu" and "NVIDIA" in device.device_kind
-    platform = "cuda" if nvidia else device.platform
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    policy = REMAT_POLICIES[remat]
+    if isinstance(attention, str):  # the model is merged here only to read its parts' dtypes
+        attention = attention_kernels(nnx.merge(graphdef, params, frozen), attention, mesh_platform(mesh))
 
     def summed_loss(params, mb):
         model = nnx.merge(graphdef, params, frozen)
-        _remat_decoder_layers(model, remat)
-        if attention is not None:
-            _use_attention(model, attention, platform)
-        return model.loss_terms(mb)  # (summed NLL, counted tokens)
+        return model.loss_terms(mb, attention=attention, remat=policy)  # (summed NLL, counted tokens)
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 

@@ -32,10 +32,13 @@ class TrainableModel(Protocol):
 
     train_stages: stage name -> the top-level submodules that stage trains.
     loss_terms(batch, attention=..., remat=...): (summed token NLL, counted tokens) of a batch;
-      `attention` maps a submodule name to its fused kernel (None: dense masks), `remat` is
-      a `jax.checkpoint` policy applied to each decoder layer (None: keep activations).
+      `attention` maps a submodule name of `attention_dtypes()` to its attention kernel
+      (`nn.layers.ATTENTION_KERNELS`; None, or a part not named: dense masks), `remat` is a
+      `jax.checkpoint` policy applied to each decoder layer (None: keep activations). Both
+      are plain arguments, fixed when the step is traced.
     attention_dtypes(): submodule name -> compute dtype, for the parts that can run a fused
-      attention kernel (empty if none can).
+      attention kernel (empty if none can); the train step picks each part's kernel from
+      its dtype and the platform.
     """
 
     train_stages: Mapping[str, tuple[str, ...]]

@@ -6,7 +6,8 @@ mixed precision needs for LayerNorm), then cast back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -136,7 +137,7 @@ class KeyLengths:
     """An attention mask as a fused kernel takes it: row b's real keys are its first
     `lengths[b]` (right padding), plus causal and sliding-window limits.
 
-    For a right-padded batch it admits exactly the keys of `llama.decoder_mask`, without a
+    For a right-padded batch it admits exactly the keys of `decoder_mask`, without a
     `[B, 1, T, S]` array. (A padding query that sees no key, possible with a sliding window,
     gets the kernel's output instead of zeros; no real token reads it.) `attention`
     hands it to `jax.nn.dot_product_attention` with `implementation`: "cudnn" (cuDNN's flash
@@ -150,7 +151,9 @@ class KeyLengths:
     implementation: str = struct.field(pytree_node=False, default="cudnn")
 
 
-# Fused-kernel choices for `use_attention_kernel`: None is the dense-mask path.
+# The kernels a stack with a fused path takes (its `kernel=` argument; per part, a model's
+# `attention=`): None is the dense-mask path; "xla" is `jax.nn.dot_product_attention`'s XLA
+# implementation of the fused call (for CPU tests).
 ATTENTION_KERNELS = (None, "cudnn", "xla", "pallas")
 
 
@@ -178,9 +181,7 @@ def attention(
     return jnp.where(sees_any, out, 0).astype(out.dtype)
 
 
-# Sequence lengths the Pallas TPU kernel tiles by: the splash kernel's default blocks, 128 x 128
-# (no TPU has timed others yet; for the earlier flash kernel XLA:TPU's estimate of the ~1B train
-# step was the same within 3% for 256 and 512, benchmarks/tpu_hlo.py).
+# Sequence lengths the Pallas TPU kernel tiles by: the splash kernel's default blocks, 128 x 128.
 PALLAS_BLOCK = 128
 
 
@@ -240,24 +241,40 @@ def pallas_tpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: KeyLeng
     return out[:, :, :t].transpose(0, 2, 1, 3)
 
 
-def attention_stacks(model: nnx.Module) -> list[nnx.Module]:
-    """The modules of `model` whose no-cache forward has a fused-attention path (those with an
-    `attention_kernel` attribute: the Llama decoder, the CLIP tower)."""
-    return [m for _, m in nnx.iter_modules(model) if hasattr(m, "attention_kernel")]
-
-
-def use_attention_kernel(model: nnx.Module, kernel: str | None) -> list[nnx.Module]:
-    """Points every `attention_stacks(model)` at `kernel` (`ATTENTION_KERNELS`); returns them.
-
-    A fused kernel needs right-padded batches (`KeyLengths`), which the training loaders
-    produce; generate's cached forward keeps its dense masks (it pads on the left).
-    """
+def check_kernel(kernel: str | None) -> str | None:
+    """`kernel`, if it is one of `ATTENTION_KERNELS`."""
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
-    stacks = attention_stacks(model)
-    for m in stacks:
-        m.attention_kernel = kernel
-    return stacks
+    return kernel
+
+
+def check_attention(attention: Mapping[str, str | None] | None, parts: Mapping[str, object],
+                    owner: str) -> dict[str, str | None]:
+    """`attention` (part name -> `ATTENTION_KERNELS` entry) as a dict, after checking that it
+    names only `parts` (the parts of `owner` that have a fused path) and known kernels.
+    None is the empty dict: every part on its dense masks."""
+    attention = dict(attention or {})
+    unknown = sorted(set(attention) - set(parts))
+    if unknown:
+        raise ValueError(f"{owner} has no fused attention path in {unknown} "
+                         f"(parts that have one: {sorted(parts)})")
+    for kernel in attention.values():
+        check_kernel(kernel)
+    return attention
+
+
+def remat_layer(layer: nnx.Module, policy: Callable[..., bool] | None) -> Callable:
+    """`layer` itself when `policy` is None; else a call of `layer` under `nnx.remat`
+    (`jax.checkpoint`) with that policy: the backward pass recomputes the layer's
+    activations, keeping only those the policy saves.
+
+    Stacks apply it per layer, not around their whole forward: checkpointing the whole loss
+    would recompute the forward in one piece before the backward and keep every activation
+    again (no saving).
+    """
+    if policy is None:
+        return layer
+    return functools.partial(nnx.remat(lambda layer, *args: layer(*args), policy=policy), layer)
 
 
 # One (keys, values) pair per layer, each [B*K, S, H]: row b*K + k holds batch row b's KV
@@ -307,8 +324,7 @@ def cached_attention(
     (`jax.nn.dot_product_attention` wants `[B, S, K, H]` and would relayout the whole cache at
     every decode step. A `[B, K, S, H]` cache needs its (B, K) axes merged for the matmuls, and
     for that reshape XLA:CPU computed the K-cache update twice and copied the cache four times
-    per step: batch-1 decode of benchmarks/generate.py's model ran at 50.8 tokens/s against
-    68.1, medians of 6 runs.) Same semantics as `attention` (float32 softmax, zeros for a query
+    per step.) Same semantics as `attention` (float32 softmax, zeros for a query
     that sees no key).
     """
     b, t, n, h = q.shape

@@ -13,6 +13,8 @@ Paths equal transformers' keys under `decoder.` (`bert.encoder.layer.N.attention
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,7 +22,7 @@ from flax import nnx
 from vipllava_jax.models.ved.attention import CrossKV, KVCache, causal_mask, cross_attention, self_attention
 from vipllava_jax.models.ved.config import DecoderConfig
 from vipllava_jax.models.ved.layers import embed, ved_activation
-from vipllava_jax.nn.layers import DType, LayerNorm, linear
+from vipllava_jax.nn.layers import DType, LayerNorm, linear, remat_layer
 
 
 class BertQKV(nnx.Module):
@@ -166,7 +168,7 @@ class BertLMHeadModel(nnx.Module):
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.bert.encoder.layer)
 
     def __call__(self, input_ids, cross_kv: CrossKV, attention_mask=None, cache: KVCache | None = None,
-                 index=0) -> tuple[jax.Array, KVCache | None]:
+                 index=0, *, remat: Callable[..., bool] | None = None) -> tuple[jax.Array, KVCache | None]:
         """Same contract as `GPT2LMHeadModel.__call__`."""
         b, t = input_ids.shape
         x = self.bert.embeddings(input_ids, index + jnp.arange(t))  # [B, T, D]
@@ -175,7 +177,7 @@ class BertLMHeadModel(nnx.Module):
         mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[1])
         new_cache = []
         for i, layer in enumerate(self.bert.encoder.layer):
-            x, kv = layer(x, *cross_kv[i], mask, None if cache is None else cache[i], index)
+            x, kv = remat_layer(layer, remat)(x, *cross_kv[i], mask, None if cache is None else cache[i], index)
             new_cache.append(kv)
         return x, None if cache is None else tuple(new_cache)
 

@@ -10,6 +10,8 @@ transpose these (see `ved/checkpoint.py`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,7 +19,7 @@ from flax import nnx
 from vipllava_jax.models.ved.attention import CrossKV, KVCache, causal_mask, cross_attention, self_attention
 from vipllava_jax.models.ved.config import DecoderConfig
 from vipllava_jax.models.ved.layers import embed, ved_activation
-from vipllava_jax.nn.layers import DType, LayerNorm, linear
+from vipllava_jax.nn.layers import DType, LayerNorm, linear, remat_layer
 
 
 def _scale(cfg: DecoderConfig, layer_idx: int) -> float:
@@ -122,11 +124,12 @@ class GPT2LMHeadModel(nnx.Module):
         return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.transformer.h)
 
     def __call__(self, input_ids, cross_kv: CrossKV, attention_mask=None, cache: KVCache | None = None,
-                 index=0) -> tuple[jax.Array, KVCache | None]:
+                 index=0, *, remat: Callable[..., bool] | None = None) -> tuple[jax.Array, KVCache | None]:
         """input_ids `[B, T]` at positions `index .. index+T-1` -> final hidden `[B, T, D]`, cache.
 
         Without a cache the chunk attends itself (causal, `attention_mask [B, T]` marking real
         tokens); with one, it is written at slot `index` and attends every slot up to its own.
+        `remat`: a `jax.checkpoint` policy to rematerialise each block with (None: none).
         """
         b, t = input_ids.shape
         t_model = self.transformer
@@ -137,7 +140,7 @@ class GPT2LMHeadModel(nnx.Module):
         mask = causal_mask(attention_mask, index, t, None if cache is None else cache[0][0].shape[1])
         new_cache = []
         for i, block in enumerate(t_model.h):
-            x, kv = block(x, *cross_kv[i], mask, None if cache is None else cache[i], index)
+            x, kv = remat_layer(block, remat)(x, *cross_kv[i], mask, None if cache is None else cache[i], index)
             new_cache.append(kv)
         return t_model.ln_f(x), None if cache is None else tuple(new_cache)
 

@@ -13,6 +13,7 @@ compares position t's logits with labels[t] (no further shift), -100 ignored.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -29,7 +30,7 @@ from vipllava_jax.models.ved.encoder import ViTModel
 from vipllava_jax.models.ved.generate import generate
 from vipllava_jax.models.ved.gpt2 import GPT2LMHeadModel
 from vipllava_jax.models.ved.mapping import VED_MAPPING
-from vipllava_jax.nn.layers import DType, linear
+from vipllava_jax.nn.layers import DType, check_attention, linear
 from vipllava_jax.nn.losses import IGNORE_INDEX, token_nll
 
 DECODERS = {"gpt2": GPT2LMHeadModel, "bert": BertLMHeadModel}
@@ -60,7 +61,7 @@ def seq2seq_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 class VisionEncoderDecoderModel(nnx.Module):
     """transformers' parameter names (`encoder.*`, `enc_to_dec_proj`, `decoder.*`) and call."""
 
-    # What each training stage trains (`training.step`): the decoder side, or everything.
+    # What each training stage trains (`vipllava_jax.train.step`): the decoder side, or everything.
     train_stages = {
         "decoder": ("enc_to_dec_proj", "decoder"),
         "all": ("encoder", "enc_to_dec_proj", "decoder"),
@@ -150,28 +151,39 @@ class VisionEncoderDecoderModel(nnx.Module):
         return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
 
     def forward(self, pixel_values, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None) -> VedOutput:
-        """The traceable forward pass behind `__call__` (no input checks)."""
+                labels=None, *, attention: Mapping[str, str | None] | None = None,
+                remat: Callable[..., bool] | None = None) -> VedOutput:
+        """The traceable forward pass behind `__call__` (no input checks).
+
+        attention: part -> attention kernel, as VipLlava's; no part of this model has a fused
+          path (`attention_dtypes` is empty), so it may only be None or empty.
+        remat: a `jax.checkpoint` policy for each decoder layer (None: keep every activation).
+        """
+        check_attention(attention, self.attention_dtypes(), type(self).__name__)
         if decoder_input_ids is None:
             decoder_input_ids = shift_tokens_right(
                 labels, self.config.pad_token_id, self.config.decoder_start_token_id
             )
-        hidden, _ = self.decoder(decoder_input_ids, self.cross_kv(pixel_values), decoder_attention_mask)
+        hidden, _ = self.decoder(decoder_input_ids, self.cross_kv(pixel_values), decoder_attention_mask,
+                                 remat=remat)
         logits = self.decoder.logits(hidden)
         return VedOutput(logits=logits, loss=None if labels is None else seq2seq_loss(logits, labels))
 
-    def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """For the train step: (summed NLL, counted tokens) of `labels` [B, T] given
-        `pixel_values`, the decoder reading the labels shifted right (as `forward`)."""
-        logits = self.forward(batch["pixel_values"], batch.get("decoder_input_ids"),
-                              batch.get("decoder_attention_mask"), batch["labels"]).logits
-        return token_nll(logits, batch["labels"], shift=False)
+    def attention_dtypes(self) -> dict[str, jnp.dtype]:
+        """The parts with a fused attention path and their compute dtypes: none."""
+        return {}
 
-    def remat_targets(self) -> list[tuple[nnx.Module, str]]:
-        """(owner, attribute) of each list of decoder layers the train step may rematerialise."""
-        if hasattr(self.decoder, "transformer"):  # GPT-2
-            return [(self.decoder.transformer, "h")]
-        return [(self.decoder.bert.encoder, "layer")]  # BERT
+    def loss_terms(
+        self, batch: dict[str, jax.Array], *, attention: Mapping[str, str | None] | None = None,
+        remat: Callable[..., bool] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """For the train step: (summed NLL, counted tokens) of `labels` [B, T] given
+        `pixel_values`, the decoder reading the labels shifted right (as `forward`, which
+        takes `attention` and `remat`)."""
+        logits = self.forward(batch["pixel_values"], batch.get("decoder_input_ids"),
+                              batch.get("decoder_attention_mask"), batch["labels"],
+                              attention=attention, remat=remat).logits
+        return token_nll(logits, batch["labels"], shift=False)
 
     def check_inputs(self, pixel_values, decoder_input_ids, decoder_attention_mask, labels) -> None:
         cfg = self.config

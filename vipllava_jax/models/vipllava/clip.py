@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vipllava_jax.models.vipllava.config import CLIPVisionConfig
-from vipllava_jax.nn.layers import DType, KeyLengths, LayerNorm, activation, attention, linear
+from vipllava_jax.nn.layers import DType, KeyLengths, LayerNorm, activation, attention, check_kernel, linear
 from vipllava_jax.nn.sharding import constrain
 
 
@@ -104,7 +104,6 @@ class CLIPVisionModel(nnx.Module):
     def __init__(self, cfg: CLIPVisionConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        self.attention_kernel = None  # a fused attention kernel (layers.use_attention_kernel)
         norm = dict(eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.embeddings = CLIPEmbeddings(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, **norm)
@@ -112,17 +111,19 @@ class CLIPVisionModel(nnx.Module):
         # Kept only so that checkpoints round-trip: VipLlava never applies it.
         self.post_layernorm = LayerNorm(cfg.hidden_size, **norm)
 
-    def __call__(self, pixel_values: jax.Array, layers: tuple[int, ...]) -> list[jax.Array]:
+    def __call__(self, pixel_values: jax.Array, layers: tuple[int, ...], *,
+                 kernel: str | None = None) -> list[jax.Array]:
         """Hidden states `[B, N+1, D]` at `layers`, indexed like transformers' `hidden_states`.
 
         Index 0 is the embedding output after pre_layrnorm and index i the output of layer i;
         negative indices count from the end. Layers deeper than the deepest index are not run.
+        `kernel` is the attention kernel (`ATTENTION_KERNELS`; None: XLA's dense attention).
         """
+        check_kernel(kernel)
         n = self.config.num_hidden_layers
         wanted = [i % (n + 1) for i in layers]
         x = self.pre_layrnorm(self.embeddings(pixel_values))
         states = {0: x}
-        kernel = self.attention_kernel
         mask = None if kernel is None else KeyLengths(None, implementation=kernel)  # no padding
         for i in range(max(wanted)):
             x = constrain(self.encoder.layers[i](x, mask), ("batch", "seq", None))

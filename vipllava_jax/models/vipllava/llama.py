@@ -7,6 +7,8 @@ layers against a preallocated static KV cache (prefill and decode for generation
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,8 +24,10 @@ from vipllava_jax.nn.layers import (
     attention,
     cache_update,
     cached_attention,
+    check_kernel,
     decoder_mask,
     linear,
+    remat_layer,
     rope_cos_sin,
 )
 from vipllava_jax.nn.sharding import constrain
@@ -31,6 +35,7 @@ from vipllava_jax.nn.sharding import constrain
 # The residual stream `[batch, seq, embed]` between layers: rows over the data axes, the
 # hidden dimension whole (the `embed` rule shards parameters, not activations).
 RESIDUAL = ("batch", "seq", None)
+
 
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
@@ -96,7 +101,6 @@ class LlamaModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.config = cfg
         self.dtype = dtype
-        self.attention_kernel = None  # fused kernel of the no-cache forward (use_attention_kernel)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(0.02),
@@ -109,21 +113,29 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(
-        self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array
+        self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, *,
+        kernel: str | None = None, remat: Callable[..., bool] | None = None,
     ) -> jax.Array:
-        """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`."""
+        """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`.
+
+        kernel: the attention kernel (`ATTENTION_KERNELS`); None: dense masks, which any
+          padding allows. A fused kernel needs right-padded rows (`KeyLengths`), as the
+          training loaders make them.
+        remat: a `jax.checkpoint` policy to rematerialise each layer with (`remat_layer`);
+          None: every activation is kept.
+        """
         b, t, _ = inputs_embeds.shape
-        if self.attention_kernel is None:
+        check_kernel(kernel)
+        if kernel is None:
             slots = jnp.broadcast_to(jnp.arange(t), (b, t))
             mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
         else:  # the same keys for a right-padded batch, as a fused kernel takes them
             mask = KeyLengths(jnp.sum(attention_mask, axis=-1, dtype=jnp.int32), causal=True,
-                              sliding_window=self.config.sliding_window,
-                              implementation=self.attention_kernel)
+                              sliding_window=self.config.sliding_window, implementation=kernel)
         cos, sin = self._rope(position_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x, _ = layer(x, cos, sin, mask)
+            x, _ = remat_layer(layer, remat)(x, cos, sin, mask)
             x = constrain(x, RESIDUAL)
         return self.norm(x)
 

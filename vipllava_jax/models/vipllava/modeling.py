@@ -12,6 +12,7 @@ Data flow for one forward pass:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -26,7 +27,7 @@ from vipllava_jax.models.vipllava.generate import generate, generate_stream
 from vipllava_jax.models.vipllava.inputs import check_inputs
 from vipllava_jax.models.vipllava.llama import LlamaModel
 from vipllava_jax.models.vipllava.mapping import VIPLLAVA
-from vipllava_jax.nn.layers import DType, LayerNorm, activation, linear
+from vipllava_jax.nn.layers import DType, LayerNorm, activation, check_attention, linear
 from vipllava_jax.nn.losses import causal_lm_loss, token_nll
 
 
@@ -76,9 +77,10 @@ def merge_image_features(
 class VipLlavaForConditionalGeneration(nnx.Module):
     """The whole model, with transformers' parameter names and call signature."""
 
-    # What each training stage trains (`training.step`). The vision tower is frozen except in
-    # "all" (a model trained from scratch has no pretrained CLIP to keep); stage "lora" also
-    # trains the LoRA adapters the train state adds to the decoder (`training/lora.py`).
+    # What each training stage trains (`vipllava_jax.train.step`). The vision tower is frozen
+    # except in "all" (a model trained from scratch has no pretrained CLIP to keep); stage
+    # "lora" also trains the LoRA adapters the train state adds to the decoder
+    # (`vipllava_jax.train.lora`).
     train_stages = {
         "projector": ("multi_modal_projector",),
         "full": ("multi_modal_projector", "language_model", "lm_head"),
@@ -164,20 +166,23 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values `[B_img, 3, H, W]` -> projected features `[B_img, N, D]`."""
-        states = self.vision_tower(pixel_values, self.config.feature_layer_indices)
+    def get_image_features(self, pixel_values: jax.Array, *, kernel: str | None = None) -> jax.Array:
+        """pixel_values `[B_img, 3, H, W]` -> projected features `[B_img, N, D]` (`kernel`: the
+        vision tower's attention kernel, None for dense attention)."""
+        states = self.vision_tower(pixel_values, self.config.feature_layer_indices, kernel=kernel)
         features = jnp.concatenate([s[:, 1:] for s in states], axis=-1)  # drop CLS
         return self.multi_modal_projector(features)
 
-    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None) -> jax.Array:
-        """Token embeddings `[B, T, D]` with the image features merged in."""
+    def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None, *,
+              vision_kernel: str | None = None) -> jax.Array:
+        """Token embeddings `[B, T, D]` with the image features merged in (`vision_kernel`: the
+        vision tower's attention kernel)."""
         image_token = self.config.image_token_index
         is_image = input_ids == image_token
         # The image token id may lie outside the embedding table; its rows are replaced anyway.
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))  # [B, T, D]
         if pixel_values is not None:
-            features = self.get_image_features(pixel_values)
+            features = self.get_image_features(pixel_values, kernel=vision_kernel)
             embeds = merge_image_features(input_ids, embeds, features, image_token)
         return embeds
 
@@ -216,32 +221,47 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
 
     def forward(
-        self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None
+        self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None, *,
+        attention: Mapping[str, str | None] | None = None, remat: Callable[..., bool] | None = None,
     ) -> VipLlavaOutput:
-        """The traceable forward pass behind `__call__` (no input validation)."""
+        """The traceable forward pass behind `__call__` (no input validation).
+
+        attention: part ("vision_tower", "language_model") -> its attention kernel
+          (`ATTENTION_KERNELS`); a part not named, or None, computes with dense masks. A fused
+          kernel needs right-padded rows (the training loaders make them).
+        remat: a `jax.checkpoint` policy for each decoder layer (None: keep every activation).
+          The vision tower is not rematerialised: frozen in most stages, it keeps no
+          activations for the backward.
+        """
+        kernels = check_attention(attention, self.attention_dtypes(), type(self).__name__)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
-        embeds = self.embed(input_ids, pixel_values)
-        hidden = self.language_model(embeds, attention_mask, position_ids)
+        embeds = self.embed(input_ids, pixel_values, vision_kernel=kernels.get("vision_tower"))
+        hidden = self.language_model(embeds, attention_mask, position_ids,
+                                     kernel=kernels.get("language_model"), remat=remat)
         logits = self.logits_from_hidden(hidden)
         loss = None if labels is None else causal_lm_loss(logits, labels)
         return VipLlavaOutput(logits=logits, loss=loss)
 
-    def remat_targets(self) -> list[tuple[nnx.Module, str]]:
-        """(owner, attribute) of each list of decoder layers the train step may rematerialise
-        (the vision tower is frozen: none of its activations are kept for the backward)."""
-        return [(self.language_model, "layers")]
+    def attention_dtypes(self) -> dict[str, jnp.dtype]:
+        """The parts with a fused attention path, each with its compute dtype (what decides
+        which kernels it can run)."""
+        return {"vision_tower": jnp.dtype(self.vision_tower.dtype),
+                "language_model": jnp.dtype(self.language_model.dtype)}
 
-    def loss_terms(self, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """What the train step needs of a batch (`training.step`): (summed next-token NLL,
-        counted tokens), so that the mean is taken once over the whole global batch."""
+    def loss_terms(
+        self, batch: dict[str, jax.Array], *, attention: Mapping[str, str | None] | None = None,
+        remat: Callable[..., bool] | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """What the train step needs of a batch (`vipllava_jax.train.step`): (summed next-token
+        NLL, counted tokens), so that the mean is taken once over the whole global batch.
+        `attention` and `remat` as in `forward`."""
         out = self.forward(batch["input_ids"], batch.get("pixel_values"), batch.get("attention_mask"),
-                           batch.get("position_ids"))
+                           batch.get("position_ids"), attention=attention, remat=remat)
         return token_nll(out.logits, batch["labels"])
-
 
     # -- generation ----------------------------------------------------------------------------
 
