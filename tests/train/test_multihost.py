@@ -3,6 +3,7 @@ each, gloo collectives) joined by the JAX_* environment train with the losses of
 with 8 devices, across a stop and a resume; without the settings, a second trainer on the
 same output folder is refused rather than training twice."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -80,7 +81,7 @@ def test_two_hosts_through_the_command_give_the_losses_of_one(workspace, tmp_pat
         pytest.skip(f"the reference run needs 8 CPU devices in this process, got {jax.device_count()}")
 
     def cfg(out):
-        return run_config(workspace, out, steps=4, save_every=2, mesh="fsdp=-1", batch_size=8, num_workers=1)
+        return dataclasses.replace(run_config(workspace, out, steps=4, save_every=2), mesh="fsdp=-1", num_workers=1)
 
     config = _toml(cfg(tmp_path / "multi"), tmp_path / "multi.toml")
     logs = _run_pair(tmp_path, config, ["stop_after=3"], "first")
@@ -104,7 +105,7 @@ def test_a_second_trainer_on_the_same_folder_is_refused(workspace, tmp_path):
     """Two hosts started without the settings would each train alone into one folder: the
     run lock refuses the second; once the first is killed, its stale lock does not block a
     resume."""
-    config = _toml(run_config(workspace, tmp_path / "run", steps=400, save_every=1000, num_workers=1),
+    config = _toml(dataclasses.replace(run_config(workspace, tmp_path / "run", steps=400, save_every=1000), num_workers=1),
                    tmp_path / "run.toml")
     lock = tmp_path / "run" / ".run.lock"
     with open(tmp_path / "a.log", "w") as log_a:
