@@ -1,9 +1,7 @@
 """Session setup and the fixtures shared across test folders.
 
 The environment is set before anything imports jax: 8 host CPU devices for the mesh tests.
-Helper functions live in `tests.helpers` (import them from there); the names re-exported
-below keep `from conftest import ...` working in the test files at this folder's top level
-(test_fused_attention, test_pallas_attention, test_train_step) until they switch.
+Helper functions live in `tests.helpers` (import them from there).
 """
 
 from __future__ import annotations
@@ -15,21 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-from tests.helpers import (  # noqa: E402, F401  (re-exported for `from conftest import ...`)
-    IMAGE_TOKEN,
-    VOCAB,
-    assert_grads_match,
-    jaxpr_eqns,
-    make_hf_model,
-    make_inputs,
-    make_word_tokenizer,
-    matmul_flops,
-    save_hf_model,
-    tiny_config,
-    torch_forward,
-    torch_loss_and_grads,
-    traced_and_estimated_flops,
-)
+from tests.helpers import make_hf_model  # noqa: E402
 from tests.helpers.ved import SHAPES, make_hf_ved  # noqa: E402
 
 

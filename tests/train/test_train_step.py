@@ -17,7 +17,9 @@ import numpy as np
 import optax
 import pytest
 import torch
-from conftest import (
+from flax import nnx
+
+from tests.helpers import (
     assert_grads_match,
     make_hf_model,
     make_inputs,
@@ -25,8 +27,6 @@ from conftest import (
     torch_loss_and_grads,
     traced_and_estimated_flops,
 )
-from flax import nnx
-
 from vipllava_jax import VipLlavaForConditionalGeneration
 from vipllava_jax.checkpoint import flatten
 from vipllava_jax.models.ved import VisionEncoderDecoderModel

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
-from test_fused_attention import assert_model_on_kernel_matches_transformers
 
+from tests.helpers.attention import assert_model_on_kernel_matches_transformers
 from vipllava_jax.nn.layers import KeyLengths, attention, decoder_mask
 from vipllava_jax.nn.sharding import make_mesh
 
