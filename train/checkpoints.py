@@ -1,9 +1,11 @@
-"""A run's Orbax checkpoints: the manager over `output_dir/checkpoints`, and the loader
-position saved beside the train state (every host's, on several hosts)."""
+"""A run's Orbax checkpoints: the manager over `output_dir/checkpoints`, the loader position
+saved beside the train state (every host's, on several hosts), restoring the newest one that
+restores, and setting aside the ones that must not be resumed from."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +13,54 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vipllava_jax.train.config import RunConfig, TrainingError
+from vipllava_jax.train.config import TrainingError
 from vipllava_jax.train.step import TrainState
 
+CHECKPOINTS = "checkpoints"
 
-def checkpoint_manager(cfg: RunConfig) -> ocp.CheckpointManager:
+
+def checkpoint_manager(run_dir: str | Path, keep: int | None = None, *, read_only: bool = False
+                       ) -> ocp.CheckpointManager:
+    """The manager of `run_dir/checkpoints` (the folder given, wherever the run was first
+    written). `keep`: the newest checkpoints kept (None: all)."""
+    folder = Path(run_dir, CHECKPOINTS).absolute()
+    if read_only and not folder.is_dir():
+        raise TrainingError(f"no checkpoints in {Path(run_dir)} (no {CHECKPOINTS}/ folder)")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep, save_interval_steps=1, enable_async_checkpointing=True,
+        max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=not read_only,
+        create=not read_only, read_only=read_only,
     )
-    return ocp.CheckpointManager(Path(cfg.output_dir, "checkpoints").absolute(), options=options)
+    return ocp.CheckpointManager(folder, options=options)
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, why: str) -> Path:
+    """Moves checkpoint `step` out of the manager's folder, to `checkpoints.WHY/STEP` beside it
+    (kept for inspection, never resumed from); returns where it went."""
+    manager.wait_until_finished()
+    src = Path(manager.directory) / str(step)
+    dst = src.parent.with_name(f"{CHECKPOINTS}.{why}") / str(step)
+    if jax.process_index() == 0:
+        dst.parent.mkdir(exist_ok=True)
+        if dst.exists():
+            shutil.rmtree(dst)
+        src.rename(dst)
+    _sync(f"set_aside_{step}")
+    manager.reload()
+    return dst
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def reason(e: BaseException) -> str:
+    """The first line of an exception's message, shortened."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def data_state(loader) -> dict[str, Any]:
@@ -49,6 +90,29 @@ def host_data_state(data_state: dict[str, Any]) -> dict[str, Any]:
             f"the checkpoint's data state was saved by {len(hosts)} processes, this run has "
             f"{jax.process_count()}")
     return hosts[jax.process_index()]
+
+
+def restore_latest(manager, state: TrainState, shardings: TrainState
+                   ) -> tuple[int | None, TrainState, dict | None, list[tuple[int, str]]]:
+    """The newest checkpoint that restores: (step, state, data state, skipped) where skipped
+    lists the newer (step, reason) that did not restore, already set aside as damaged.
+    (None, state, None, []) when there is no checkpoint. When none of them restores (a run
+    config that no longer matches them, more likely than all being damaged), nothing is moved
+    and the error names each one's reason."""
+    failed = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored, data = restore(manager, step, state, shardings)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad files
+            failed.append((step, reason(e)))
+            continue
+        for bad, _ in failed:
+            set_aside(manager, bad, "damaged")
+        return step, restored, data, failed
+    if failed:
+        reasons = "; ".join(f"step {s}: {r}" for s, r in failed)
+        raise TrainingError(f"no checkpoint in {manager.directory} restores ({reasons})")
+    return None, state, None, []
 
 
 def restore(manager, step, state: TrainState, shardings: TrainState):

@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from vipllava_jax.registry import family_of
-from vipllava_jax.train.checkpoints import checkpoint_manager, restore
+from vipllava_jax.train.checkpoints import checkpoint_manager, reason, restore
 from vipllava_jax.train.config import RunConfig, TrainingError
 from vipllava_jax.train.lora import merge_lora
 from vipllava_jax.train.mesh import mesh_from_spec
@@ -38,16 +38,26 @@ def export_trained_model(output_dir: str | Path, dst: str | Path) -> Path:
 
 def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.Module:
     """The model of a training run's checkpoint (the latest complete one by default), with
-    any LoRA adapters merged into its weights."""
+    any LoRA adapters merged into its weights. The checkpoints are those under `output_dir`
+    (a copied or moved run reads its own), not under the folder its run config recorded."""
     out = Path(output_dir)
     cfg = RunConfig.from_dict(json.loads((out / RUN_CONFIG).read_text()))
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     model = family_of(cfg.model).model_class.from_pretrained(
         cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
-    manager = checkpoint_manager(cfg)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise TrainingError(f"no complete checkpoint in {out / 'checkpoints'}")
-    state, _ = restore(manager, step, state, shardings)
+    manager = checkpoint_manager(out, read_only=True)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise TrainingError(f"no complete checkpoint in {out / 'checkpoints'}")
+        if step not in manager.all_steps():
+            raise TrainingError(f"no complete checkpoint of step {step} in {out / 'checkpoints'}")
+        try:
+            state, _ = restore(manager, step, state, shardings)
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for bad files
+            raise TrainingError(f"checkpoint {step} in {out / 'checkpoints'} does not restore "
+                                f"({reason(e)})") from None
+    finally:
+        manager.close()
     return merge_lora(merge_model(graphdef, state))  # LoRA runs: adapters folded in

@@ -5,9 +5,12 @@
       TrainDataLoader --shard_batch--> step --> metrics.jsonl, stdout
       every `save_every` steps: CheckpointManager.save(step, {state, data position}) (async)
 
-On start, the latest complete checkpoint in `output_dir/checkpoints` is restored (onto this
-run's mesh, whatever mesh wrote it), so a killed run loses at most the steps since its last
-complete save. A non-finite loss stops the run before anything is saved for that step.
+On start, the newest complete checkpoint in `output_dir/checkpoints` that restores is restored
+(onto this run's mesh, whatever mesh wrote it; newer damaged ones are moved to
+`checkpoints.damaged/`), so a killed run loses at most the steps since its last complete save.
+A non-finite loss or gradient stops the run before anything is saved for that step, and the
+checkpoint of the step before (whose parameters gave it) moves to `checkpoints.nonfinite/`.
+SIGINT (Ctrl-C) stops after the step in progress, with a checkpoint of it.
 On several hosts (`jax.distributed.initialize` before `train`) every process runs `train`
 with the same config: each loads `batch_size // process_count` rows, `shard_batch` assembles the
 global batch, all save the checkpoint together (with every host's data position), and process
@@ -23,17 +26,26 @@ import dataclasses
 import json
 import math
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from vipllava_jax.processing.captions import image_preprocessor
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.registry import family_of
-from vipllava_jax.train.checkpoints import checkpoint_manager, data_state, host_data_state, restore
+from vipllava_jax.train.checkpoints import (
+    checkpoint_manager,
+    data_state,
+    host_data_state,
+    restore_latest,
+    set_aside,
+)
 from vipllava_jax.train.config import RunConfig, TrainingError
 from vipllava_jax.train.data import CaptionDataLoader, LoaderOptions, RecordLoader, TrainDataLoader
 from vipllava_jax.train.export import RUN_CONFIG
@@ -69,28 +81,42 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
         return _train(cfg, progress=progress)
 
 
+class Interrupted(TrainingError):
+    """The run was stopped by SIGINT (Ctrl-C) after a completed step; its state was saved."""
+
+
 def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
+    try:  # before anything else: a mesh the devices cannot hold is a config error
+        mesh = mesh_from_spec(cfg.mesh)
+    except ValueError as e:
+        raise TrainingError(f"mesh: {e}") from None
     out = _prepare_output(cfg)
-    mesh = mesh_from_spec(cfg.mesh)
     model = family_of(cfg.model).model_class.from_pretrained(
         cfg.model, dtype=cfg.dtype, param_dtype=cfg.param_dtype, mesh=mesh)  # every process its shards
     # batch_size is the global batch; each process loads its share of the rows
     hosts, primary = jax.process_count(), jax.process_index() == 0
     if cfg.batch_size % hosts:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
-    if progress:
-        tqdm.write(topology(mesh, cfg.batch_size))
+    say = tqdm.write if progress and primary else (lambda _: None)
+    say(topology(mesh, cfg.batch_size))
     loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
     model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     del model
     step_fn = make_train_step(graphdef, cfg.train, mesh, shardings)
-    manager = checkpoint_manager(cfg)
-    start = manager.latest_step()
+    # One more than `keep`: the newest checkpoint is not vouched for until the next step's
+    # loss (computed on its parameters) is finite; `keep` of them have been.
+    manager = checkpoint_manager(out, cfg.keep + 1)
+    start, state, saved_data, skipped = restore_latest(manager, state, shardings)
+    for bad, why in skipped:
+        say(f"skipped checkpoint {bad} (it does not restore: {why}); moved to "
+            f"{out / 'checkpoints.damaged' / str(bad)}")
     if start is not None:
-        state, saved_data = restore(manager, start, state, shardings)
         loader.load_state_dict(host_data_state(saved_data))
+        say(f"resumed from step {start} ({Path(manager.directory) / str(start)})")
     start = start or 0
+    if primary:
+        _drop_metrics_after(out / "metrics.jsonl", start)
     flops_per_token = train_flops_per_token(state, model_config, seq_len=cfg.max_length)
     peak = cfg.peak_tflops or device_peak_tflops(jax.devices()[0])
     if peak is None and primary:
@@ -99,56 +125,139 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
     peak_total = None if peak is None else peak * jax.device_count()
     board = _tensorboard(out) if primary and cfg.tensorboard else None
 
+    def save(step):
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state(loader)),
+        ))
+
     history = []
     last = cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)
     batches = iter(loader)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and primary))
     # metrics are global (the step reduces over all processes): process 0 writes them
-    with open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log:
-        for step in range(start + 1, last + 1):
-            t0 = time.perf_counter()
-            state, metrics = step_fn(state, shard_batch(next(batches), mesh))
-            metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
-            seconds = time.perf_counter() - t0
-            if not math.isfinite(metrics["loss"]):
-                manager.wait_until_finished()
-                raise TrainingError(
-                    f"loss is {metrics['loss']} at step {step}; stopped without saving it. "
-                    f"The last good checkpoint is step {manager.latest_step()}"
-                )
-            seq_tokens = cfg.batch_size * cfg.max_length  # every position costs compute
-            metrics.update(step=step, seconds=seconds, tokens_per_s=seq_tokens / seconds,
-                           model_tflops=seq_tokens * flops_per_token / seconds / 1e12,
-                           **{f"data_{k}": v for k, v in loader.stats.items()})
-            if peak_total is not None:
-                metrics["mfu"] = metrics["model_tflops"] / peak_total
-            history.append(metrics)
-            if primary:
-                log.write(json.dumps(metrics) + "\n")
-                log.flush()
+    with (open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log,
+          _sigint_flag() as interrupted):
+        try:
+            for step in range(start + 1, last + 1):
+                t0 = time.perf_counter()
+                state, metrics = step_fn(state, shard_batch(next(batches), mesh))
+                metrics = {k: float(v) for k, v in metrics.items()}  # waits for the step
+                seconds = time.perf_counter() - t0
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    _stop_non_finite(manager, step, metrics)
+                seq_tokens = cfg.batch_size * cfg.max_length  # every position costs compute
+                metrics.update(step=step, seconds=seconds, tokens_per_s=seq_tokens / seconds,
+                               model_tflops=seq_tokens * flops_per_token / seconds / 1e12,
+                               **{f"data_{k}": v for k, v in loader.stats.items()})
+                if peak_total is not None:
+                    metrics["mfu"] = metrics["model_tflops"] / peak_total
+                history.append(metrics)
+                if primary:
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                if board is not None:
+                    for k, v in metrics.items():
+                        if k != "step":
+                            board.add_scalar(f"train/{k}", v, step)
+                bar.update()
+                if primary and step % cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
+                    mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+                    tqdm.write(
+                        f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
+                        f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{mfu}"
+                    )
+                final = step == cfg.steps or interrupted()
+                if final:  # no next step vouches for these parameters: check them directly
+                    _check_params(state, step, manager)
+                if step % cfg.save_every == 0 or final:
+                    save(step)
+                if interrupted():
+                    manager.wait_until_finished()
+                    raise Interrupted(f"interrupted after step {step}; saved checkpoint {step} in "
+                                      f"{Path(manager.directory)} (run the same command to resume)")
+        finally:
+            bar.close()
             if board is not None:
-                for k, v in metrics.items():
-                    if k != "step":
-                        board.add_scalar(f"train/{k}", v, step)
-            bar.update()
-            if primary and step % cfg.log_every == 0:
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['learning_rate']:.2e}")
-                mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
-                tqdm.write(
-                    f"step {step} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3e} "
-                    f"grad_norm {metrics['grad_norm']:.3f} tokens/s {metrics['tokens_per_s']:.0f}{mfu}"
-                )
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                manager.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_state(loader)),
-                ))
-    bar.close()
-    if board is not None:
-        board.close()
-    manager.wait_until_finished()
+                board.close()
+            manager.wait_until_finished()  # a save in flight completes, whatever stopped the run
+    _prune(manager, cfg.keep)
     manager.close()
     return history
+
+
+def _stop_non_finite(manager, step: int, metrics: dict[str, float]) -> None:
+    """Step `step`'s loss or gradient is not finite: the parameters it was computed on (those
+    of step - 1) are not resumable either; their checkpoint, if saved, is set aside."""
+    manager.wait_until_finished()
+    moved = ""
+    if step - 1 in manager.all_steps():
+        moved = f"; checkpoint {step - 1}, whose parameters gave it, moved to " \
+                f"{set_aside(manager, step - 1, 'nonfinite')}"
+    good = manager.latest_step()
+    good = f"step {good}" if good is not None else "none (no checkpoint before it is left)"
+    raise TrainingError(
+        f"loss is {metrics['loss']} (grad_norm {metrics['grad_norm']}) at step {step}; stopped "
+        f"without saving it{moved}. The last good checkpoint is {good}"
+    )
+
+
+def _check_params(state, step: int, manager) -> None:
+    if not math.isfinite(float(optax.global_norm(state.params))):
+        manager.wait_until_finished()
+        good = manager.latest_step()
+        raise TrainingError(f"the parameters after step {step} are not finite; stopped without "
+                            f"saving them. The last good checkpoint is step {good}")
+
+
+def _prune(manager, keep: int) -> None:
+    """Down to the newest `keep` checkpoints, once the run ended well (the extra one kept
+    while the newest was not yet vouched for goes)."""
+    for old in sorted(manager.all_steps())[:-keep]:
+        manager.delete(old)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: their old rows go (the file is
+    rewritten whole, then renamed over the old one)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a killed run
+        if row_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _sigint_flag():
+    """While inside, the first SIGINT (Ctrl-C) only sets a flag that the loop reads after each
+    step (it then saves and stops); a second one interrupts at once. Only in the main thread,
+    where Python runs signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    hit = threading.Event()
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        hit.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield hit.is_set
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:

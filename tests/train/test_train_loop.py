@@ -1,6 +1,7 @@
 """The training run end to end: overfit, export to transformers, exact resume, NaN stop."""
 
 import json
+import re
 import struct
 
 import jax
@@ -55,15 +56,26 @@ def test_resumed_run_gives_the_losses_of_an_uninterrupted_one(workspace, tmp_pat
     assert [m["loss"] for m in rest] == [m["loss"] for m in full[2:]]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace, tmp_path):
+def test_non_finite_loss_stops_and_keeps_a_checkpoint_that_resumes(workspace, tmp_path):
     cfg = run_config(workspace, tmp_path / "nan", steps=6, save_every=1,
                      train=dict(max_grad_norm=1e30))
     cfg = RunConfig.from_dict({**json.loads(json.dumps(cfg.__dict__, default=lambda o: o.__dict__)),
                                "train": {**cfg.train.__dict__, "learning_rate": 1e30}})
-    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step (\d+); .* last good checkpoint is step"):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) .* at step (\d+); .* last good checkpoint is step") as e:
         train(cfg, progress=False)
+    message = str(e.value)
+    assert "\n" not in message
+    bad_step = int(re.search(r"at step (\d+)", message).group(1))
+    good = int(re.search(r"last good checkpoint is step (\d+)", message).group(1))
+    assert good < bad_step - 1, message  # the step before the non-finite loss is not vouched for
+    # the checkpoint whose parameters gave the non-finite loss is set aside, not resumed from
+    assert (tmp_path / "nan" / "checkpoints.nonfinite" / str(bad_step - 1)).is_dir()
     saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved, "the steps before the non-finite loss were saved"
+    assert saved and max(saved) == good, (saved, good)
+    # the reported checkpoint resumes with a sane rate
+    history = train(run_config(workspace, tmp_path / "nan", steps=good + 2, save_every=1), progress=False)
+    assert [m["step"] for m in history] == [good + 1, good + 2]
+    assert all(np.isfinite(m["loss"]) for m in history)
 
 
 def test_command_reads_a_toml_config_with_overrides(workspace, tmp_path, capsys):
