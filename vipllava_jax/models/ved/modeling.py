@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from vipllava_jax import hub
 from vipllava_jax.checkpoint import load_into, save_model
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.models.ved.attention import CrossKV
@@ -103,12 +104,15 @@ class VisionEncoderDecoderModel(nnx.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: DType = "float32", param_dtype: DType | None = None,
-                        mesh: jax.sharding.Mesh | None = None, rules=None) -> VisionEncoderDecoderModel:
-        """Loads an Orbax folder written by `vipllava-convert hf-to-orbax`, or an HF VED folder.
+                        mesh: jax.sharding.Mesh | None = None, rules=None,
+                        revision: str | None = None) -> VisionEncoderDecoderModel:
+        """Loads an Orbax folder written by `vipllava-convert hf-to-orbax`, an HF VED folder, or
+        a hub id (at `revision`; `vipllava_jax.hub`).
 
         With `mesh`, each parameter is restored straight onto it, sharded by the logical axis
         rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
         """
+        path = hub.resolve(path, revision=revision)
         config = VisionEncoderDecoderConfig.from_pretrained(path)
         param_dtype = jnp.dtype(param_dtype or dtype)
         return load_into(cls.abstract(config, dtype=dtype, param_dtype=param_dtype), path,

@@ -1,0 +1,63 @@
+"""Hub ids resolve through huggingface_hub's cache, offline, from a cache laid out here as the
+hub writes it (models--org--name/snapshots/<rev>/..., refs/<branch>)."""
+
+from __future__ import annotations
+
+import shutil
+
+import huggingface_hub.constants
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import make_inputs, torch_forward
+from vipllava_jax import CheckpointError, VipLlavaForConditionalGeneration
+from vipllava_jax.hub import is_hub_id, resolve
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, tiny_hf):
+    """An offline HF cache holding the tiny model as `org/tiny-vipllava` at main, plus a
+    `.bin`-only copy at a second revision."""
+    _, folder = tiny_hf
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-vipllava"
+    snap = repo / "snapshots" / REV
+    shutil.copytree(folder, snap)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REV)
+    bin_rev = "f" * 40
+    bin_snap = repo / "snapshots" / bin_rev
+    bin_snap.mkdir()
+    shutil.copy(snap / "config.json", bin_snap / "config.json")
+    state = {k: v for k, v in tiny_hf[0].state_dict().items()}
+    torch.save(state, bin_snap / "pytorch_model.bin")
+    (repo / "refs" / "bin-only").write_text(bin_rev)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_hub_id_shapes(tmp_path):
+    assert is_hub_id("llava-hf/vip-llava-7b-hf") and is_hub_id("gpt2")
+    assert not is_hub_id(tmp_path) and not is_hub_id("./model") and not is_hub_id("a/b/c")
+
+
+def test_from_pretrained_reads_a_cached_hub_id_offline(hub_cache, tiny_hf):
+    hf, _ = tiny_hf
+    inputs = make_inputs(hf.config)
+    expected, _ = torch_forward(hf, inputs)
+    for revision in (None, "bin-only"):  # safetensors at main, PyTorch .bin at the branch
+        model = VipLlavaForConditionalGeneration.from_pretrained("org/tiny-vipllava", revision=revision)
+        logits = np.asarray(model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]).logits)
+        np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert resolve("org/tiny-vipllava").name == REV
+
+
+def test_a_missing_hub_id_is_one_clear_line(hub_cache):
+    with pytest.raises(CheckpointError, match=r"'org/missing' is neither a local folder nor a model in the local"):
+        VipLlavaForConditionalGeneration.from_pretrained("org/missing")
+    with pytest.raises(CheckpointError, match="revision="):
+        resolve(hub_cache, revision="main")
