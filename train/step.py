@@ -63,7 +63,10 @@ class TrainState:
 # -- optimizer ---------------------------------------------------------------------------------
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
-    """Step -> learning rate: linear warmup from 0, then cosine decay to 0 at total_steps."""
+    """Step -> learning rate: linear warmup from 0, then cosine decay to 0 at total_steps
+    (a warmup as long as the run: the warmup alone, optax's cosine needs a decay step)."""
+    if config.warmup_steps >= config.total_steps > 0:
+        return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.learning_rate, warmup_steps=config.warmup_steps,
         decay_steps=max(config.total_steps, 1), end_value=0.0,
