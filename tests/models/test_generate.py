@@ -233,3 +233,70 @@ def test_generate_on_a_mesh_matches_single_device(tmp_path):
         sharded.generate(**inputs, max_new_tokens=6, eos_token_id=[]),
         single.generate(**inputs, max_new_tokens=6, eos_token_id=[]),
     )
+
+
+def full_word_tokenizer(path):
+    """A word-level tokenizer naming every id of the tiny vocabulary (w5 ... w127), so that
+    transformers' stop-string tables cover every token the random model can pick; "abcdef" is
+    the prefix its table builder reads tokens after."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.helpers import VOCAB
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "abcdef": 4, "<image>": IMAGE_TOKEN}
+    vocab.update({f"w{i}": i for i in range(5, VOCAB) if i != IMAGE_TOKEN})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>")
+    fast.save_pretrained(path)
+    return fast
+
+
+@pytest.mark.parametrize("kind", ["one token", "overhang", "two tokens"])
+def test_stop_strings_match_transformers(llama, tmp_path, kind):
+    """stop_strings + tokenizer= stop each row where transformers' generate stops it: a stop
+    string that is one token (an extra EOS inside the compiled loop), one that is the start of
+    a token's text, and one spread over two tokens (checked on the host)."""
+    hf, model = llama
+    tokenizer = full_word_tokenizer(tmp_path)
+    inputs = prompts(hf.config, batch=2, seq=15, left_pad=(0, 3))
+    free = model.generate(**inputs, max_new_tokens=10, pad_token_id=0, eos_token_id=[])[:, 15:]
+    words = [tokenizer.convert_ids_to_tokens(int(t)) for t in free[0]]
+    assert None not in words
+    stop = {"one token": words[3], "overhang": words[3][:2], "two tokens": f"{words[2]} {words[3]}"}[kind]
+    # with an EOS id transformers pads the rows its stop strings end, as generate always does
+    ref = hf_generate(hf, inputs, max_new_tokens=10, pad_token_id=0, eos_token_id=2,
+                      stop_strings=[stop], tokenizer=tokenizer)
+    ours = model.generate(**inputs, max_new_tokens=10, pad_token_id=0, eos_token_id=2,
+                          stop_strings=[stop], tokenizer=tokenizer)
+    n = ref.shape[1]  # transformers stops early when every row is done
+    assert (ref[0, 15 + 4:] == 0).all(), (stop, free, ref[:, 15:])  # row 0 stopped by its 4th new token
+    np.testing.assert_array_equal(ours[:, :n], ref)
+    assert (ours[:, n:] == 0).all()
+    pieces = list(model.generate_stream(**inputs, max_new_tokens=10, pad_token_id=0, eos_token_id=2,
+                                        stop_strings=stop, tokenizer=tokenizer, chunk=3))
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), ours[:, 15:15 + sum(p.shape[1] for p in pieces)])
+
+
+def test_stop_strings_need_a_tokenizer_and_text(llama):
+    hf, model = llama
+    inputs = prompts(hf.config, batch=1, seq=15, left_pad=(0,))
+    with pytest.raises(VipLlavaError, match="tokenizer="):
+        model.generate(**inputs, stop_strings=["###"])
+    with pytest.raises(VipLlavaError, match="non-empty strings"):
+        model.generate(**inputs, stop_strings=[""], tokenizer=object())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(do_sample=True, temperature=float("inf")), "temperature"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+])
+def test_bad_sampling_knobs_are_one_line_errors(llama, kw, match):
+    hf, model = llama
+    inputs = prompts(hf.config, batch=1, seq=15, left_pad=(0,))
+    with pytest.raises(VipLlavaError, match=match):
+        model.generate(**inputs, **kw)

@@ -149,10 +149,83 @@ def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask
     return _decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
 
 
+# -- stop strings (transformers' `stop_strings=`, checked on the host) -------------------------
+
+class StopStrings:
+    """transformers' `StopStringCriteria`, checked on the host between decode chunks: a row
+    stops at the first new token that completes one of `strings` (the string ends inside that
+    token; tokens read as the text they decode to), or at an EOS id. Tokens after the stop
+    become `pad_id`, as transformers pads finished rows. The stop token itself stays.
+
+    `device_eos_ids()` are the tokens that hold a whole stop string: those stop rows inside
+    the compiled loop already (a one-token separator costs nothing extra); the host check
+    finds the stop strings spread over several tokens.
+    """
+
+    _PREFIX = "abcdef"  # transformers' trick: decode after a fixed prefix to keep leading spaces
+
+    def __init__(self, strings, tokenizer, eos_ids, pad_id: int, batch: int):
+        if isinstance(strings, str):
+            strings = [strings]
+        strings = list(strings)
+        if not strings or not all(isinstance(s, str) and s for s in strings):
+            raise VipLlavaError(f"stop_strings must be non-empty strings, got {strings!r}")
+        if tokenizer is None:
+            raise VipLlavaError("stop_strings needs tokenizer= (to read the generated tokens as text)")
+        self.strings, self.tokenizer, self.pad_id = strings, tokenizer, pad_id
+        self.eos = {int(i) for i in np.atleast_1d(np.asarray(eos_ids, np.int64)) if i >= 0}
+        self.text = [""] * batch
+        self.stopped = np.zeros(batch, bool)
+        base = tokenizer(self._PREFIX, add_special_tokens=False)["input_ids"]
+        self._base = tokenizer.convert_ids_to_tokens(base)
+        self._texts: dict[int, str] = {}
+
+    def token_text(self, token_id: int) -> str:
+        text = self._texts.get(token_id)
+        if text is None:
+            token = self.tokenizer.convert_ids_to_tokens(int(token_id))
+            full = self.tokenizer.convert_tokens_to_string(self._base + [token]) if token else ""
+            i = full.find(self._PREFIX)
+            text = full[i + len(self._PREFIX):] if i >= 0 else ""
+            self._texts[token_id] = text
+        return text
+
+    def device_eos_ids(self) -> list[int]:
+        """The vocabulary's tokens whose text holds a whole stop string (candidates found on
+        the raw token strings, each confirmed on its decoded text)."""
+        cores = [s.strip() for s in self.strings]
+        if not all(cores):
+            return []
+        vocab = self.tokenizer.get_vocab()
+        return sorted(i for tok, i in vocab.items()
+                      if any(c in tok for c in cores)
+                      and any(s in self.token_text(i) for s in self.strings))
+
+    def feed(self, tokens: np.ndarray) -> np.ndarray:
+        """New tokens `[B, n]` -> the same with `pad_id` after each row's stop."""
+        tokens = np.array(tokens)
+        for b in range(tokens.shape[0]):
+            for k in range(tokens.shape[1]):
+                if self.stopped[b]:
+                    tokens[b, k:] = self.pad_id
+                    break
+                t = int(tokens[b, k])
+                if t in self.eos:
+                    self.stopped[b] = True
+                    continue
+                before = len(self.text[b])
+                self.text[b] += self.token_text(t)
+                text = self.text[b]  # a stop string counts when it ends inside the new token
+                if any(s in text[max(0, before - len(s) + 1):] for s in self.strings):
+                    self.stopped[b] = True
+        return tokens
+
+
 # -- the user-facing calls ---------------------------------------------------------------------
 
 def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample,
-             temperature, top_k, top_p, eos_token_id, pad_token_id, seed):
+             temperature, top_k, top_p, eos_token_id, pad_token_id, seed, stop_strings=None,
+             tokenizer=None):
     """Checks everything before compiling; pads the prompt on the left to its bucket."""
     ids = np.asarray(input_ids)
     check_inputs(model.config, ids, pixel_values, attention_mask, None)
@@ -167,8 +240,10 @@ def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
             f"context of {limit} tokens"
         )
-    if do_sample and not temperature > 0:
-        raise VipLlavaError(f"temperature must be > 0 when sampling, got {temperature}")
+    if do_sample and not 0 < temperature < math.inf:
+        raise VipLlavaError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise VipLlavaError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
         raise VipLlavaError(f"top_p must be in (0, 1], got {top_p}")
     bucket = bucket_length(t)
@@ -176,12 +251,17 @@ def _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens, do_
     ids_b = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id).astype(np.int32)
     mask_b = np.pad(mask, ((0, 0), (pad, 0)))
     eos = model.config.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    stopper = None
+    if stop_strings is not None:
+        stopper = StopStrings(stop_strings, tokenizer, [] if eos is None else eos, pad_token_id, b)
+        extra = [i for i in stopper.device_eos_ids() if i not in stopper.eos]
+        eos = sorted(stopper.eos) + extra
     sampling = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k,
                                      top_p=top_p, eos_token_id=eos, pad_id=pad_token_id)
     pixels = None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32)
     batch_sharding = _batch_sharding(model, b)
     ids_b, mask_b = (jax.device_put(x, batch_sharding) for x in (ids_b, mask_b))
-    return ids, ids_b, pixels, mask_b, sampling, jax.random.key(seed)
+    return ids, ids_b, pixels, mask_b, sampling, jax.random.key(seed), stopper
 
 
 def _batch_sharding(model, batch: int):
@@ -197,18 +277,23 @@ def _batch_sharding(model, batch: int):
 
 def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
              do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-             pad_token_id=0, seed=0, streamer: Callable[[np.ndarray], None] | None = None):
+             pad_token_id=0, seed=0, streamer: Callable[[np.ndarray], None] | None = None,
+             stop_strings=None, tokenizer=None):
     """See `VipLlavaForConditionalGeneration.generate`."""
-    prompt, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
-                             do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
-    if streamer is None:
+    prompt, *args, stopper = _prepare(
+        model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature,
+        top_k, top_p, eos_token_id, pad_token_id, seed, stop_strings, tokenizer)
+    if streamer is None and stopper is None:
         graphdef, state = nnx.split(model)
         tokens = np.asarray(run_generate(graphdef, state, *args[:3], max_new_tokens, *args[3:]))
     else:
+        # stop strings are checked between chunks of the same compiled decode loop
+        chunk = 1 if streamer is not None else STOP_CHECK_EVERY
         chunks = []
-        for chunk in _stream(model, *args, max_new_tokens):
-            streamer(chunk)  # as soon as it is produced
-            chunks.append(chunk)
+        for piece in _stream(model, *args, max_new_tokens, chunk=chunk, stopper=stopper):
+            if streamer is not None:
+                streamer(piece)  # as soon as it is produced
+            chunks.append(piece)
         tokens = np.full((prompt.shape[0], max_new_tokens), pad_token_id, np.int32)
         done = np.concatenate(chunks, axis=1) if chunks else tokens[:, :0]
         tokens[:, : done.shape[1]] = done
@@ -217,15 +302,20 @@ def generate(model, input_ids, pixel_values=None, attention_mask=None, *, max_ne
 
 def generate_stream(model, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens=64,
                     do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
-                    pad_token_id=0, seed=0, chunk: int = 1) -> Iterator[np.ndarray]:
+                    pad_token_id=0, seed=0, chunk: int = 1, stop_strings=None,
+                    tokenizer=None) -> Iterator[np.ndarray]:
     """Yields the new tokens `[B, n]` as they are produced, `chunk` decode steps at a time."""
-    _, *args = _prepare(model, input_ids, pixel_values, attention_mask, max_new_tokens,
-                        do_sample, temperature, top_k, top_p, eos_token_id, pad_token_id, seed)
-    yield from _stream(model, *args, max_new_tokens, chunk=chunk)
+    _, *args, stopper = _prepare(
+        model, input_ids, pixel_values, attention_mask, max_new_tokens, do_sample, temperature,
+        top_k, top_p, eos_token_id, pad_token_id, seed, stop_strings, tokenizer)
+    yield from _stream(model, *args, max_new_tokens, chunk=chunk, stopper=stopper)
 
 
-def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
-            chunk: int = 1) -> Iterator[np.ndarray]:
+STOP_CHECK_EVERY = 8  # decode steps between host checks of stop strings (generate, no streamer)
+
+
+def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens, chunk: int = 1,
+            stopper: StopStrings | None = None) -> Iterator[np.ndarray]:
     """Prefill, then the same decode loop `chunk` steps per call (the state is donated)."""
     graphdef, params = nnx.split(model)
     state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling)
@@ -236,5 +326,10 @@ def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens,
         step = int(state.step)
         if step == emitted:  # every row is done
             return
-        yield np.asarray(state.tokens[:, emitted:step])
+        new = np.asarray(state.tokens[:, emitted:step])
+        if stopper is not None:
+            new = stopper.feed(new)
+            if stopper.stopped.any():  # rows stopped by a string stop on the device too
+                state = state.replace(done=jnp.asarray(np.asarray(state.done) | stopper.stopped))
+        yield new
         emitted = step

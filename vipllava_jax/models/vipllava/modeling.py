@@ -269,7 +269,7 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         self, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 64,
         do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
         eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, seed: int = 0,
-        streamer=None,
+        streamer=None, stop_strings: str | list[str] | None = None, tokenizer=None,
     ) -> np.ndarray:
         """Greedy or sampled continuation, KV-cached, in one compiled program per shape.
 
@@ -277,11 +277,18 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         `pad_token_id` after a row's EOS (`eos_token_id` defaults to the config's). Sampling
         applies temperature, top-k (0 = off) and top-p (1.0 = off), seeded by `seed`.
         `streamer(tokens [B, n])` is called with each chunk of new tokens as it is produced.
+
+        `stop_strings` (with the `tokenizer=` that reads tokens as text) end a row where one of
+        them is completed, as transformers' `generate(stop_strings=..., tokenizer=...)`: the
+        token completing it is kept, pad follows. A chat turn's end is the template's
+        separator: `stop_strings=processing.prompts.TEMPLATES[name].seps[1]` ("###" for
+        "vipllava"); `processing.prompts.cut_answer` then drops it from the decoded text.
         """
         return generate(
             self, input_ids, pixel_values, attention_mask, max_new_tokens=max_new_tokens,
             do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed, streamer=streamer,
+            stop_strings=stop_strings, tokenizer=tokenizer,
         )
 
     def generate_stream(self, input_ids, pixel_values=None, attention_mask=None, **kwargs):
