@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 from vipllava_jax.errors import ConfigError, VipLlavaError
 
@@ -18,6 +20,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path]
+
+# An image resized to a shortest edge of `size` may be at most this many times `size` long
+# (1 x 10000 px would otherwise become 336 x 3.4M px before the center crop).
+MAX_ASPECT_RATIO = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +133,11 @@ class CLIPImagePreprocessor:
         if not isinstance(self.size, int):
             return tuple(self.size)
         short, long = (width, height) if width <= height else (height, width)
+        if long > MAX_ASPECT_RATIO * short:
+            raise VipLlavaError(
+                f"image of {width}x{height} px is more than {MAX_ASPECT_RATIO} times longer than "
+                "wide; crop it (or pad it to a square) first"
+            )
         new_long = int(self.size * long / short)
         return (new_long, self.size) if width <= height else (self.size, new_long)
 
@@ -134,11 +145,22 @@ class CLIPImagePreprocessor:
 def load_image(image: ImageInput) -> PIL.Image.Image:
     """A PIL image, HWC/HW uint8 array or file path -> an RGB PIL image.
 
-    Transparency is composited onto white, as transformers 5's `convert_to_rgb` does.
+    Transparency is composited onto white, as transformers 5's `convert_to_rgb` does. A file's
+    or PIL image's EXIF orientation is applied (`ImageOps.exif_transpose`, as transformers'
+    `load_image`), so coordinates (boxes, points) are those of the upright image every viewer
+    shows. A 16-bit image is converted as transformers converts it (values above 255
+    saturate), with a warning.
+
+    Raises:
+        VipLlavaError: not an image type, or a file larger than PIL's decompression-bomb limit.
+        OSError: an unreadable or undecodable file.
     """
     if isinstance(image, (str, Path)):
-        with PIL.Image.open(image) as f:
-            image = f.copy()
+        try:
+            with PIL.Image.open(image) as f:
+                image = f.copy() if f.getexif().get(_ORIENTATION, 1) == 1 else PIL.ImageOps.exif_transpose(f)
+        except PIL.Image.DecompressionBombError as e:
+            raise VipLlavaError(f"{image}: {e}") from None
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
             image.ndim == 3 and image.shape[-1] not in (1, 3, 4)
@@ -154,11 +176,21 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
         raise VipLlavaError(
             f"expected a PIL image, numpy array or path, got {type(image).__name__}"
         )
+    elif image.getexif().get(_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        warnings.warn(
+            f"a {image.mode} (16/32-bit) image is converted to 8-bit RGB: values above 255 saturate",
+            stacklevel=2,
+        )
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def expand_to_square(image: PIL.Image.Image, fill: tuple[int, ...]) -> PIL.Image.Image:
