@@ -16,13 +16,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import dataclasses
 
-    from vipllava_jax.train import RunConfig, train
-    from vipllava_jax.train.hosts import join_hosts
-
     try:
+        from vipllava_jax.train import RunConfig, train
+        from vipllava_jax.train.hosts import join_hosts
+        from vipllava_jax.train.loop import Interrupted
+
         cfg = RunConfig.from_file(args.config, args.overrides)
         join_hosts(dataclasses.asdict(cfg))  # before anything touches a device
         train(cfg)
+    except KeyboardInterrupt:  # before the first step, or a second Ctrl-C
+        print("vipllava-train: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        return 130
+    except Interrupted as e:  # the first Ctrl-C: the step in progress finished and was saved
+        print(f"vipllava-train: {e}", file=sys.stderr)
+        return 130
     except (VipLlavaError, OSError) as e:
         print(f"vipllava-train: error: {e}", file=sys.stderr)
         return 2

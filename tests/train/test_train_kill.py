@@ -125,3 +125,37 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_pat
     expected = [m["loss"] for m in full[latest:]]
     got = [m["loss"] for m in rest]
     assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-6, (got, expected, in_flight)
+
+
+def test_interrupted_run_saves_its_step_and_resumes(workspace, tmp_path, compile_cache):
+    """SIGINT (Ctrl-C) to a real `python -m vipllava_jax.train.cli`: the step in progress
+    completes and is saved (in flight saves too), one line, exit 130; the resume continues."""
+    out = tmp_path / "interrupted"
+    config = tmp_path / "run.toml"
+    config.write_text(_toml(workspace, out))
+    proc = subprocess.Popen([sys.executable, "-m", "vipllava_jax.train.cli", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **compile_cache})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not _logged_steps(out):
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    stopped = int(last.split("interrupted after step ")[1].split(";")[0])
+    assert last.startswith(f"vipllava-train: interrupted after step {stopped}; saved checkpoint {stopped}"), last
+    assert stopped < STEPS and _logged_steps(out) == list(range(1, stopped + 1))
+    manager = ocp.CheckpointManager((out / "checkpoints").absolute())
+    assert manager.latest_step() == stopped
+    manager.close()
+
+    rest = train(run_config(workspace, out, steps=STEPS, save_every=SAVE_EVERY), progress=False)
+    assert [m["step"] for m in rest] == list(range(stopped + 1, STEPS + 1))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import pickle
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,9 @@ class _InlineExecutor:
 
 def _start_worker(loader_bytes: bytes) -> None:
     global _worker_loader
+    # Ctrl-C reaches the whole process group: the trainer decides when to stop, and the pool
+    # ends its workers when it shuts down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_loader = pickle.loads(loader_bytes)
 
 
