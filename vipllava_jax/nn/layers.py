@@ -181,6 +181,26 @@ def attention(
     return jnp.where(sees_any, out, 0).astype(out.dtype)
 
 
+
+def attention_with_weights(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """`attention` with a boolean (or no) mask, written out so that it can also return the
+    post-softmax weights `[B, N, T, S]` (transformers' eager attention: float32 softmax, cast
+    to the compute dtype). A query that may attend no key gets zero weights and outputs zeros.
+    Used only when a caller asks for the weights: the default path stays fused."""
+    b, t, n, h = q.shape
+    g = n // k.shape[2]  # query heads per KV head (GQA)
+    k, v = (jnp.repeat(x, g, axis=2) for x in (k, v))  # [B, S, N, H]
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if mask is not None:
+        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0)
+    probs = probs.astype(q.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v), probs
+
 # Sequence lengths the Pallas TPU kernel tiles by: the splash kernel's default blocks, 128 x 128.
 PALLAS_BLOCK = 128
 

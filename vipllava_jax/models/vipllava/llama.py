@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from vipllava_jax.models.vipllava.config import TextConfig
 from vipllava_jax.nn.layers import (
@@ -22,6 +22,7 @@ from vipllava_jax.nn.layers import (
     activation,
     apply_rope,
     attention,
+    attention_with_weights,
     cache_update,
     cached_attention,
     check_kernel,
@@ -37,6 +38,15 @@ from vipllava_jax.nn.sharding import constrain
 RESIDUAL = ("batch", "seq", None)
 
 
+@struct.dataclass
+class LlamaOutput:
+    """What `LlamaModel` returns when asked for more than the last hidden state."""
+
+    last_hidden_state: jax.Array  # [B, T, D], after the final norm
+    hidden_states: tuple[jax.Array, ...] | None = None  # L+1 x [B, T, D]: embeddings, each layer
+    attentions: tuple[jax.Array, ...] | None = None  # L x [B, N, T, S], post-softmax
+
+
 class LlamaAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         d, h = cfg.hidden_size, cfg.head_dim
@@ -49,15 +59,21 @@ class LlamaAttention(nnx.Module):
         self.v_proj = linear(d, self.num_kv_heads * h, ("embed", "kv_heads"), **kw)
         self.o_proj = linear(self.num_heads * h, d, ("heads", "embed"), **kw)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, *, output_attentions=False):
         """x `[B, T, D]`; with `kv` (cache `[B*K, S, H]` x 2), this chunk's keys and values
-        are written at slot `index` and attention runs over the whole cache."""
+        are written at slot `index` and attention runs over the whole cache.
+
+        Returns (output, kv), or with `output_attentions` (no cache, boolean mask) (output,
+        kv, post-softmax weights `[B, N, T, S]`)."""
         b, t, _ = x.shape
         scale = self.head_dim**-0.5
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, N, H]
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, K, H]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if output_attentions:
+            out, probs = attention_with_weights(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
+            return self.o_proj(out.reshape(b, t, -1)), kv, probs
         if kv is None:
             out = attention(q, k, v, mask=mask, scale=scale)  # [B, T, N, H]
         else:
@@ -89,10 +105,12 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, **norm)
         self.mlp = LlamaMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv=None, index=None):
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, mask, kv=None, index=None, *, output_attentions=False):
+        """(output, kv), and with `output_attentions` the attention weights third."""
+        attn, kv, *probs = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index,
+                                          output_attentions=output_attentions)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv, *probs
 
 
 class LlamaModel(nnx.Module):
@@ -115,8 +133,12 @@ class LlamaModel(nnx.Module):
     def __call__(
         self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, *,
         kernel: str | None = None, remat: Callable[..., bool] | None = None,
-    ) -> jax.Array:
+        output_hidden_states: bool = False, output_attentions: bool = False,
+    ) -> jax.Array | LlamaOutput:
         """inputs_embeds `[B, T, D]`, attention_mask `[B, T]`, position_ids `[B, T]` -> `[B, T, D]`.
+
+        With `output_hidden_states` or `output_attentions` (static flags; dense masks only),
+        a `LlamaOutput` instead, holding what transformers' LlamaModel returns for them.
 
         kernel: the attention kernel (`ATTENTION_KERNELS`); None: dense masks, which any
           padding allows. A fused kernel needs right-padded rows (`KeyLengths`), as the
@@ -126,6 +148,9 @@ class LlamaModel(nnx.Module):
         """
         b, t, _ = inputs_embeds.shape
         check_kernel(kernel)
+        if output_hidden_states or output_attentions:
+            return self._with_outputs(inputs_embeds, attention_mask, position_ids, kernel,
+                                      output_hidden_states, output_attentions)
         if kernel is None:
             slots = jnp.broadcast_to(jnp.arange(t), (b, t))
             mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
@@ -138,6 +163,31 @@ class LlamaModel(nnx.Module):
             x, _ = remat_layer(layer, remat)(x, cos, sin, mask)
             x = constrain(x, RESIDUAL)
         return self.norm(x)
+
+    def _with_outputs(self, inputs_embeds, attention_mask, position_ids, kernel,
+                      output_hidden_states, output_attentions) -> LlamaOutput:
+        """`__call__` collecting every layer's input and/or attention weights (a separate
+        trace, so that the default program is untouched)."""
+        if kernel is not None:
+            raise ValueError("output_hidden_states / output_attentions need dense attention "
+                             f"(kernel=None), got kernel {kernel!r}")
+        b, t, _ = inputs_embeds.shape
+        slots = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = decoder_mask(attention_mask, slots, slots, self.config.sliding_window)
+        cos, sin = self._rope(position_ids)
+        x, states, weights = inputs_embeds, [inputs_embeds], []
+        for layer in self.layers:
+            x, _, *probs = layer(x, cos, sin, mask, output_attentions=output_attentions)
+            x = constrain(x, RESIDUAL)
+            states.append(x)
+            weights += probs
+        last = self.norm(x)
+        # transformers' tuple: the embeddings, then each layer's output, the last one normed
+        return LlamaOutput(
+            last_hidden_state=last,
+            hidden_states=tuple(states[:-1]) + (last,) if output_hidden_states else None,
+            attentions=tuple(weights) if output_attentions else None,
+        )
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         cfg = self.config

@@ -20,21 +20,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from vipllava_jax import hub
 from vipllava_jax.checkpoint import load_into, save_model
+from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.models.vipllava.clip import CLIPVisionModel
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.models.vipllava.generate import generate, generate_stream
 from vipllava_jax.models.vipllava.inputs import check_inputs
-from vipllava_jax.models.vipllava.llama import LlamaModel
+from vipllava_jax.models.vipllava.llama import LlamaModel, LlamaOutput
 from vipllava_jax.models.vipllava.mapping import VIPLLAVA
+from vipllava_jax.models.vipllava.prefix import Cache, check_room, extend_cache, new_cache
 from vipllava_jax.nn.layers import DType, LayerNorm, activation, check_attention, linear
 from vipllava_jax.nn.losses import causal_lm_loss, token_nll
 
 
 @struct.dataclass
 class VipLlavaOutput:
+    """transformers' VipLlavaCausalLMOutputWithPast; each optional field only when asked for."""
+
     logits: jax.Array  # [B, T, V]
     loss: jax.Array | None = None  # scalar, when labels were given
+    # output_hidden_states: L+1 x [B, T, D], the embeddings then each decoder layer (last normed)
+    hidden_states: tuple[jax.Array, ...] | None = None
+    attentions: tuple[jax.Array, ...] | None = None  # output_attentions: L x [B, N, T, T]
+    image_hidden_states: jax.Array | None = None  # output_image_hidden_states: [B_img, N, D]
+    past_key_values: Cache | None = None  # use_cache / past_key_values: the extended cache
+
 
 
 class VipLlavaMultiModalProjector(nnx.Module):
@@ -145,15 +156,18 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         param_dtype: DType | None = None,
         mesh: jax.sharding.Mesh | None = None,
         rules=None,
+        revision: str | None = None,
     ) -> VipLlavaForConditionalGeneration:
         """Loads a converted Orbax folder (or an HF VipLlava folder) as a ready model.
 
         Args:
-          path: a folder written by `vipllava-convert hf-to-orbax`, or an HF checkpoint folder.
+          path: a folder written by `vipllava-convert hf-to-orbax`, an HF checkpoint folder,
+            or a hub id such as "llava-hf/vip-llava-7b-hf" (at `revision`; `vipllava_jax.hub`).
           dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
           mesh: restore each parameter straight onto this mesh, sharded by the logical axis
             rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
         """
+        path = hub.resolve(path, revision=revision)
         config = VipLlavaConfig.from_pretrained(path)
         param_dtype = jnp.dtype(param_dtype or dtype)
         return load_into(cls.abstract(config, dtype=dtype, param_dtype=param_dtype), path,
@@ -166,10 +180,13 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def get_image_features(self, pixel_values: jax.Array, *, kernel: str | None = None) -> jax.Array:
+    def get_image_features(self, pixel_values: jax.Array, *, kernel: str | None = None,
+                           vision_feature_layer: tuple[int, ...] | None = None) -> jax.Array:
         """pixel_values `[B_img, 3, H, W]` -> projected features `[B_img, N, D]` (`kernel`: the
-        vision tower's attention kernel, None for dense attention)."""
-        states = self.vision_tower(pixel_values, self.config.feature_layer_indices, kernel=kernel)
+        vision tower's attention kernel, None for dense attention; `vision_feature_layer`: the
+        CLIP hidden states to project, default the config's, as many as the projector takes)."""
+        layers = self.config.feature_layer_indices if vision_feature_layer is None else vision_feature_layer
+        states = self.vision_tower(pixel_values, layers, kernel=kernel)
         features = jnp.concatenate([s[:, 1:] for s in states], axis=-1)  # drop CLS
         return self.multi_modal_projector(features)
 
@@ -194,11 +211,12 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 
     def __call__(
         self,
-        input_ids,
+        input_ids=None,
         pixel_values=None,
         attention_mask=None,
         position_ids=None,
         labels=None,
+        **options,
     ) -> VipLlavaOutput:
         """Logits (and the loss when `labels` are given), as transformers' forward.
 
@@ -212,13 +230,165 @@ class VipLlavaForConditionalGeneration(nnx.Module):
           attention_mask: `[B, T]`, 1 for tokens and 0 for (left) padding; default all ones.
           position_ids: `[B, T]`; default `0..T-1` as transformers' forward.
           labels: int `[B, T]`; shifted inside, -100 ignored.
+
+        Keyword options, as transformers' forward (any of them set compiles one program per
+        set of flags; none set runs the default program, unchanged):
+          inputs_embeds: float `[B, T, D]` instead of `input_ids` (image positions hold the
+            image token's embedding, as `embed` leaves them before the merge).
+          vision_feature_layer (or `vision_feature_layers`): int or ints, the CLIP hidden
+            states projected for this call (as many as the config's).
+          output_hidden_states, output_attentions: the decoder's hidden states (embeddings,
+            then each layer) and post-softmax attention weights, as transformers' eager
+            attention returns them.
+          output_image_hidden_states: the projector's output (transformers returns it always;
+            here it is asked for, so that the default program keeps its outputs).
+          use_cache, past_key_values, cache_length: return the KV cache (`prefix.Cache`, of
+            `cache_length` slots, default prompt + 128) in `past_key_values`; pass it back with
+            the next tokens to continue (their `attention_mask` covers the new tokens, or the
+            past and new ones as transformers'). Cached calls count RoPE positions over real
+            tokens (`generate`'s convention) unless `position_ids` are given.
         """
+        options = {k: v for k, v in options.items() if v is not None and v is not False}
+        if options:  # left at their defaults, the options keep the default program
+            return self._call_with_options(input_ids, pixel_values, attention_mask, position_ids,
+                                           labels, **options)
         check_inputs(self.config, input_ids, pixel_values, attention_mask, labels)
         args = (input_ids, pixel_values, attention_mask, position_ids, labels)
         if any(isinstance(a, jax.core.Tracer) for a in args):
             return self.forward(*args)
         graphdef, state = nnx.split(self)
         return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
+
+    def _call_with_options(self, input_ids, pixel_values, attention_mask, position_ids, labels, *,
+                           inputs_embeds=None, vision_feature_layer=None, vision_feature_layers=None,
+                           output_hidden_states=False, output_attentions=False,
+                           output_image_hidden_states=False, past_key_values=None,
+                           use_cache=False, cache_length=None) -> VipLlavaOutput:
+        """`__call__` with keyword options: checked here, then one compiled program per set."""
+        if vision_feature_layers is not None:  # transformers' older name
+            if vision_feature_layer is not None:
+                raise VipLlavaError("give vision_feature_layer or vision_feature_layers, not both")
+            vision_feature_layer = vision_feature_layers
+        layers = self._check_feature_layers(vision_feature_layer)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise VipLlavaError("give exactly one of input_ids and inputs_embeds")
+        shape = np.shape(input_ids if inputs_embeds is None else inputs_embeds)[:2]
+        cached = use_cache or past_key_values is not None
+        if cached and (output_hidden_states or output_attentions):
+            raise VipLlavaError("output_hidden_states / output_attentions are computed without a cache: "
+                                "run the whole sequence (prompt + tokens so far) once with them")
+        if past_key_values is not None:
+            check_room(past_key_values, *shape)
+            if attention_mask is not None and np.shape(attention_mask)[1:] != shape[1:]:
+                past = int(past_key_values.length)
+                if np.shape(attention_mask)[1:] != (past + shape[1],):
+                    raise VipLlavaError(f"attention_mask has shape {np.shape(attention_mask)}: give the new "
+                                        f"tokens' [{shape[0]}, {shape[1]}] or the past and new [{shape[0]}, {past + shape[1]}]")
+                attention_mask = attention_mask[:, past:]  # transformers' mask covers the past too
+        if inputs_embeds is None:
+            check_inputs(self.config, input_ids, pixel_values, attention_mask, labels)
+        else:
+            self._check_embeds(inputs_embeds, pixel_values, attention_mask, labels)
+        if past_key_values is None and use_cache:
+            cache_length = shape[1] + 128 if cache_length is None else int(cache_length)
+            if cache_length < shape[1]:
+                raise VipLlavaError(f"cache_length {cache_length} is shorter than the {shape[1]} input tokens")
+        else:
+            cache_length = None
+        opts = dict(vision_feature_layer=layers, output_hidden_states=bool(output_hidden_states),
+                    output_attentions=bool(output_attentions),
+                    output_image_hidden_states=bool(output_image_hidden_states),
+                    use_cache=bool(use_cache), cache_length=cache_length)
+        args = (input_ids, pixel_values, attention_mask, position_ids, labels, inputs_embeds, past_key_values)
+        if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+            return self.forward_with_options(*args[:5], inputs_embeds=inputs_embeds,
+                                             past_key_values=past_key_values, **opts)
+        args = jax.tree.map(jnp.asarray, args)
+        graphdef, state = nnx.split(self)
+        return _jitted_outputs(graphdef, state, *args, tuple(sorted(opts.items())))
+
+    def _check_feature_layers(self, layers) -> tuple[int, ...] | None:
+        if layers is None:
+            return None
+        layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(int(i) for i in layers)
+        want = len(self.config.feature_layer_indices)
+        n = self.config.vision_config.num_hidden_layers
+        if len(layers) != want or not all(-(n + 1) <= i <= n for i in layers):
+            raise VipLlavaError(f"vision_feature_layer must be {want} index(es) in [-{n + 1}, {n}] "
+                                f"(the projector takes {want} layers), got {layers}")
+        return layers
+
+    def _check_embeds(self, inputs_embeds, pixel_values, attention_mask, labels) -> None:
+        """`check_inputs` for `inputs_embeds`: shapes, and the image positions (rows equal to
+        the image token's embedding) against the image features, on concrete arrays."""
+        shape = np.shape(inputs_embeds)
+        d = self.config.text_config.hidden_size
+        if len(shape) != 3 or shape[2] != d:
+            raise VipLlavaError(f"inputs_embeds must be [batch, seq, {d}], got shape {shape}")
+        image_token = self.config.image_token_index
+        if pixel_values is not None and image_token >= self.config.text_config.vocab_size:
+            raise VipLlavaError(f"inputs_embeds with pixel_values needs the image token ({image_token}) "
+                                "in the embedding table; merge the features yourself (embed) instead")
+        marks = np.zeros(shape[:2], np.int64)
+        if pixel_values is not None and not isinstance(inputs_embeds, jax.core.Tracer):
+            marks = np.where(np.asarray(self._image_positions(jnp.asarray(inputs_embeds))), image_token, 0)
+        check_inputs(self.config, marks, pixel_values, attention_mask, labels)
+
+    def _image_positions(self, inputs_embeds: jax.Array) -> jax.Array:
+        """bool `[B, T]`: the rows equal to the image token's embedding (transformers'
+        `get_placeholder_mask` without input_ids)."""
+        table = self.language_model.embed_tokens
+        row = table(jnp.int32(self.config.image_token_index)).astype(inputs_embeds.dtype)
+        return jnp.all(inputs_embeds == row, axis=-1)
+
+    def forward_with_options(
+        self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None, *,
+        inputs_embeds=None, vision_feature_layer: tuple[int, ...] | None = None,
+        output_hidden_states: bool = False, output_attentions: bool = False,
+        output_image_hidden_states: bool = False, past_key_values: Cache | None = None,
+        use_cache: bool = False, cache_length: int | None = None,
+        attention: Mapping[str, str | None] | None = None,
+    ) -> VipLlavaOutput:
+        """The traceable forward behind `__call__`'s keyword options (no input validation;
+        the flags, `vision_feature_layer` and `cache_length` are static)."""
+        kernels = check_attention(attention, self.attention_dtypes(), type(self).__name__)
+        image_token = self.config.image_token_index
+        if inputs_embeds is None:
+            is_image = input_ids == image_token
+            embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
+        else:
+            embeds = inputs_embeds.astype(self.dtype)
+            is_image = self._image_positions(embeds) if pixel_values is not None else None
+        b, t, _ = embeds.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        features = None
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values, kernel=kernels.get("vision_tower"),
+                                               vision_feature_layer=vision_feature_layer)
+            embeds = merge_image_features(jnp.where(is_image, image_token, 0), embeds, features, image_token)
+        hidden_states = attentions = cache = None
+        if use_cache or past_key_values is not None:
+            cache = new_cache(self, b, cache_length) if past_key_values is None else past_key_values
+            hidden, cache = extend_cache(self, cache, embeds, attention_mask, position_ids)
+        else:
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+            out = self.language_model(embeds, attention_mask, position_ids,
+                                      kernel=kernels.get("language_model"),
+                                      output_hidden_states=output_hidden_states,
+                                      output_attentions=output_attentions)
+            if isinstance(out, LlamaOutput):
+                hidden, hidden_states, attentions = out.last_hidden_state, out.hidden_states, out.attentions
+            else:
+                hidden = out
+        logits = self.logits_from_hidden(hidden)
+        return VipLlavaOutput(
+            logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels),
+            hidden_states=hidden_states, attentions=attentions,
+            image_hidden_states=features if output_image_hidden_states else None,
+            past_key_values=cache,
+        )
 
     def forward(
         self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None, *,
@@ -299,3 +469,12 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 @functools.partial(jax.jit, static_argnums=0)
 def _jitted_forward(graphdef, state, *args) -> VipLlavaOutput:
     return nnx.merge(graphdef, state).forward(*args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 9))
+def _jitted_outputs(graphdef, state, input_ids, pixel_values, attention_mask, position_ids, labels,
+                    inputs_embeds, past_key_values, options) -> VipLlavaOutput:
+    """`forward_with_options`, one compiled program per `options` (sorted (name, value) pairs)."""
+    return nnx.merge(graphdef, state).forward_with_options(
+        input_ids, pixel_values, attention_mask, position_ids, labels, inputs_embeds=inputs_embeds,
+        past_key_values=past_key_values, **dict(options))
