@@ -52,6 +52,8 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Pat
         write_orbax_folder(tmp, params, config, dtype)
         del params
         copy_side_files(src, tmp)
+        if family.side_files is not None:
+            family.side_files(src, tmp, config)
     return dst
 
 

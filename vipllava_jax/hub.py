@@ -36,7 +36,7 @@ def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None) -> Pa
         return Path(path_or_id)
     repo_id = os.fspath(path_or_id)
     from huggingface_hub import snapshot_download  # (slow to import: only for hub ids)
-    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:

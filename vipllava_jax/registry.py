@@ -21,6 +21,7 @@ from vipllava_jax.errors import ConfigError
 from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
 from vipllava_jax.models.ved.mapping import VED_MAPPING
 from vipllava_jax.models.ved.modeling import VisionEncoderDecoderModel
+from vipllava_jax.models.vipllava import original
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.models.vipllava.mapping import VIPLLAVA
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
@@ -81,6 +82,8 @@ class Family:
     tied_head(config): whether the output head shares the word embeddings.
     text_config(config): the config of the text decoder.
     image_side(config): the `ImageSide` of the FLOP count.
+    side_files(src, dst, config): what a conversion writes besides the weights and config.json
+      after the source's tokenizer/processor files are copied (None: nothing more).
     """
 
     model_type: str
@@ -91,6 +94,7 @@ class Family:
     tied_head: Callable[[Any], bool]
     text_config: Callable[[Any], Any]
     image_side: Callable[[Any], ImageSide]
+    side_files: Callable[[Path, Path, Any], None] | None = None
 
 
 def _vipllava_image_side(config: VipLlavaConfig) -> ImageSide:
@@ -120,6 +124,12 @@ FAMILIES: dict[str, Family] = {
             model_class=VisionEncoderDecoderModel, mapping=VED_MAPPING, data="captions",
             tied_head=lambda c: c.decoder.tie_word_embeddings, text_config=lambda c: c.decoder,
             image_side=_ved_image_side,
+        ),
+        Family(  # the original ViP-LLaVA repository's layout: converts to VipLlava
+            model_type=original.MODEL_TYPE, config_class=original.OriginalVipLlavaConfig,
+            model_class=VipLlavaForConditionalGeneration, mapping=original.ORIGINAL, data="conversations",
+            tied_head=lambda c: c.text_config.tie_word_embeddings, text_config=lambda c: c.text_config,
+            image_side=_vipllava_image_side, side_files=original.write_side_files,
         ),
     )
 }

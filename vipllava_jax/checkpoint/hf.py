@@ -8,6 +8,7 @@ bad checkpoint fails fast with the offending tensor named.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -77,8 +78,13 @@ def open_hf_weights(folder: str | Path) -> TensorTable:
         if (folder / index).is_file():
             try:
                 weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, TypeError):
                 raise CheckpointError(f"{folder / index}: not a valid weight index") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise CheckpointError(
+                    f"{folder / index}: not a valid weight index (weight_map must map tensor names "
+                    f"to file names, got a {type(weight_map).__name__})")
             table: TensorTable = {}
             for file in sorted(set(weight_map.values())):
                 table.update(_open_file(folder / file))
@@ -116,6 +122,7 @@ def read_hf_params(
         wanted[key] = (path, leaf, hf_shape(leaf, abstract.shape))
     plan = []
     seen: dict[str, str] = {}
+    stored = {mapping.canonical_key(key): read for key, (_, read) in table.items()}
     for key, (shape, read) in table.items():
         canon = mapping.canonical_key(key)
         if mapping.ignored.search(canon) or (tied_head and canon in mapping.tied_keys):
@@ -127,7 +134,9 @@ def read_hf_params(
         seen[canon] = key
         path, leaf, want = wanted[canon]
         if tuple(shape) != want:
-            raise CheckpointError(f"shape mismatch for {key}: checkpoint has {tuple(shape)}, model expects {want}")
+            if not mapping.resizable(canon, tuple(shape), want):
+                raise CheckpointError(f"shape mismatch for {key}: checkpoint has {tuple(shape)}, model expects {want}")
+            read = functools.partial(lambda r, k, w: mapping.resize(k, r(), w, lambda o: stored[o]()), read, canon, want)
         plan.append((key, path, leaf, read))
     missing = sorted(set(wanted) - set(seen))
     if missing:

@@ -53,9 +53,14 @@ class KeyMapping:
     canonical_key: a stored HF key of any known layout -> its canonical key.
     ignored: stored keys (canonical) that are buffers, skipped on read.
     tied_keys: canonical keys of a head tied to the embeddings, skipped on read when tied.
+    resize: for layouts stored at another shape (a vocabulary grown on conversion):
+      (canonical key, stored array, the shape wanted, read another stored tensor by canonical
+      key) -> the array at the wanted shape; None if it cannot (then the shapes must agree).
     """
 
     hf_key_for: Callable[[str, int], tuple[str, Leaf]]
     canonical_key: Callable[[str], str]
     ignored: re.Pattern
     tied_keys: tuple[str, ...]
+    resize: Callable[[str, np.ndarray, tuple[int, ...], Callable[[str], np.ndarray]], np.ndarray] | None = None
+    resizable: Callable[[str, tuple[int, ...], tuple[int, ...]], bool] = lambda key, stored, wanted: False
