@@ -23,6 +23,7 @@ from flax import nnx, struct
 from vipllava_jax import hub
 from vipllava_jax.checkpoint import load_into, save_model
 from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.models.vipllava import original
 from vipllava_jax.models.vipllava.clip import CLIPVisionModel
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.models.vipllava.generate import generate, generate_stream
@@ -168,10 +169,13 @@ class VipLlavaForConditionalGeneration(nnx.Module):
             rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
         """
         path = hub.resolve(path, revision=revision)
-        config = VipLlavaConfig.from_pretrained(path)
+        if original.is_original(path):  # the original repository's layout, read as it converts
+            config, mapping = original.config_from_original(path), original.ORIGINAL
+        else:
+            config, mapping = VipLlavaConfig.from_pretrained(path), VIPLLAVA
         param_dtype = jnp.dtype(param_dtype or dtype)
         return load_into(cls.abstract(config, dtype=dtype, param_dtype=param_dtype), path,
-                         param_dtype=param_dtype, mapping=VIPLLAVA, mesh=mesh, rules=rules,
+                         param_dtype=param_dtype, mapping=mapping, mesh=mesh, rules=rules,
                          tied_head=config.text_config.tie_word_embeddings)
 
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> None:
