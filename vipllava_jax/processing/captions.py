@@ -17,9 +17,11 @@ import numpy as np
 import PIL.Image
 
 from vipllava_jax.errors import ConfigError
+from vipllava_jax.processing.images import quiet_transformers
 
 
 def _pil_class(name: str):
+    quiet_transformers()
     import transformers
 
     base = name.removesuffix("Fast")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -222,3 +223,15 @@ def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def is_single_image(images: Any) -> bool:
     """One image (PIL, array or path), not a list of them."""
     return isinstance(images, (PIL.Image.Image, np.ndarray, str, Path))
+
+
+def quiet_transformers() -> None:
+    """Silences what is expected when transformers is used for tokenizers only: its advice that
+    PyTorch was not found (only when torch is absent) and tqdm's notebook-widget warning
+    (`IProgress not found`, a console bar is shown instead). Other warnings stay."""
+    import importlib.util
+    import os
+
+    if "transformers" not in sys.modules and importlib.util.find_spec("torch") is None:
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", message="IProgress not found")

@@ -30,6 +30,7 @@ from vipllava_jax.processing.images import (  # noqa: F401  (public here too)
     expand_to_square,
     is_single_image,
     load_image,
+    quiet_transformers,
 )
 from vipllava_jax.processing.visual_prompts import VisualPrompt, crop_cuts_marker, draw_visual_prompts
 
@@ -80,9 +81,7 @@ class VipLlavaProcessor:
             VipLlavaError: the image token is not one token, or no image size is known.
         """
         if isinstance(tokenizer, (str, Path)):
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+            tokenizer = load_tokenizer(tokenizer)
         if image_processor is None:
             if image_size is None:
                 raise VipLlavaError("pass image_processor or image_size")
@@ -153,8 +152,6 @@ class VipLlavaProcessor:
             ConfigError: nothing says how to preprocess images or how many tokens an image takes,
                 or the model config disagrees with the tokenizer on the image token id.
         """
-        from transformers import AutoTokenizer
-
         path = Path(path)
         proc_cfg = _read_json(path / "processor_config.json") or {}
         image_cfg = proc_cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
@@ -189,7 +186,7 @@ class VipLlavaProcessor:
                 f"{path}: cannot tell how many tokens an image takes; pass num_image_tokens"
             )
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         image_token = (
             image_token or proc_cfg.get("image_token")
             or getattr(tokenizer, "image_token", None) or "<image>"
@@ -403,3 +400,28 @@ def _tokens_from_processor_config(
         return None
     n = (hw[0] // patch) * (hw[1] // patch) + cfg.get("num_additional_image_tokens", 0)
     return n - 1 if cfg.get("vision_feature_select_strategy") == "default" else n
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def load_tokenizer(path: str | Path):
+    """transformers' `AutoTokenizer` for the folder `path`, quietly (see `quiet_transformers`).
+
+    Raises:
+        ConfigError: the folder has no tokenizer files, or transformers cannot read them.
+    """
+    path = Path(path)
+    if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "
+            "files of the original checkpoint into it"
+        )
+    quiet_transformers()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the tokenizer in {path}: {str(e).splitlines()[0]}") from None
+
