@@ -86,6 +86,14 @@ def test_single_int_feature_layer():
         ({"vision_config": {"model_type": "siglip_vision_model"}}, "vision_config model_type"),
         ({"vision_feature_layers": [30]}, "vision_feature_layer 30 is out of range"),
         ({"text_config": {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}}, "rope_type 'yarn'"),
+        ({"text_config": None}, "text_config must be a JSON object, got NoneType"),
+        ({"text_config": [1]}, "text_config must be a JSON object, got list"),
+        ({"text_config": {"hidden_size": "abc"}}, "text_config.hidden_size must be a positive integer, got 'abc'"),
+        ({"text_config": {"hidden_size": -48}}, "text_config.hidden_size must be a positive integer, got -48"),
+        ({"text_config": {"vocab_size": True}}, "text_config.vocab_size must be a positive integer"),
+        ({"text_config": {"rms_norm_eps": -1}}, "text_config.rms_norm_eps must be a positive number"),
+        ({"vision_config": {"hidden_size": 1000}}, "not a multiple of num_attention_heads"),
+        ({"vision_config": {"patch_size": 0}}, "vision_config.patch_size must be a positive integer"),
     ],
 )
 def test_bad_configs_name_the_problem(change, message):
@@ -99,6 +107,27 @@ def test_missing_or_malformed_config(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         VipLlavaConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match="config.json must be a JSON object, got list"):
+        VipLlavaConfig.from_pretrained(tmp_path)
+
+
+def test_malformed_ved_configs_name_the_problem(tmp_path):
+    from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
+
+    (tmp_path / "config.json").write_text("[]")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        VisionEncoderDecoderConfig.from_pretrained(tmp_path)
+    base = {"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit"},
+            "decoder": {"model_type": "gpt2", "is_decoder": True, "add_cross_attention": True}}
+    for change, message in [
+        ({"encoder": None}, "encoder must be a JSON object"),
+        ({"encoder": {"model_type": "vit", "image_size": "abc"}}, "encoder.image_size must be a positive integer"),
+        ({"encoder": {"model_type": "vit", "hidden_size": -48}}, "encoder.hidden_size must be a positive integer"),
+        ({"decoder": {**base["decoder"], "n_embd": "abc"}}, "decoder.n_embd must be a positive integer"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            VisionEncoderDecoderConfig.from_hf_dict({**base, **change})
 
 
 def test_text_config_defaults_follow_model_type():

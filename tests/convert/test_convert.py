@@ -383,11 +383,70 @@ def _bin_with_non_tensor(folder: Path) -> list[str]:
     return ["pytorch_model.bin", "step is not a tensor"]
 
 
+def _set_offsets(folder: Path, edit) -> None:
+    """Rewrites the header of model.safetensors with `edit(header)` applied (same data)."""
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    file.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
+
+
+def _tensor_at(header: dict, rank: int) -> str:
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    return names[rank]
+
+
+def _negative_offset(folder: Path) -> list[str]:
+    def edit(h):
+        e = h[_tensor_at(h, 0)]
+        size = e["data_offsets"][1] - e["data_offsets"][0]
+        e["data_offsets"] = [-size, 0]
+    _set_offsets(folder, edit)
+    return ["corrupt header entry", "offsets [-"]
+
+
+def _huge_negative_offset(folder: Path) -> list[str]:
+    _set_offsets(folder, lambda h: h[_tensor_at(h, 0)].__setitem__("data_offsets", [-10**9, -10**9 + 4]))
+    return ["corrupt header entry"]
+
+
+def _overlapping_offsets(folder: Path) -> list[str]:
+    def edit(h):  # the second tensor reads the first one's bytes
+        first, second = h[_tensor_at(h, 0)], h[_tensor_at(h, 1)]
+        second.update(dtype=first["dtype"], shape=first["shape"], data_offsets=first["data_offsets"])
+    _set_offsets(folder, edit)
+    return ["corrupt tensor offsets", "overlaps"]
+
+
+def _gap_in_offsets(folder: Path) -> list[str]:
+    def edit(h):  # the first tensor starts later: a hole before it, and it overlaps the next
+        e = h[_tensor_at(h, 0)]
+        e["data_offsets"] = [e["data_offsets"][0] + 8, e["data_offsets"][1] + 8]
+    _set_offsets(folder, edit)
+    return ["corrupt tensor offsets", "gap of 8 bytes"]
+
+
+def _trailing_bytes(folder: Path) -> list[str]:
+    with open(folder / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    return ["64 bytes after the last tensor"]
+
+
+def _weight_map_list(folder: Path) -> list[str]:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    return ["not a valid weight index", "got a list"]
+
+
 BAD_INPUTS = {f.__name__.lstrip("_"): f for f in (
     _missing, _unexpected, _shape_mismatch, _stored_twice, _truncate, _corrupt_header,
     _bad_header_length, _header_not_object, _other_model_type, _other_text_model, _no_config,
     _config_not_json, _no_weights, _missing_shard, _truncated_bin, _bin_with_object,
-    _bin_with_non_tensor,
+    _bin_with_non_tensor, _negative_offset, _huge_negative_offset, _overlapping_offsets,
+    _gap_in_offsets, _trailing_bytes, _weight_map_list,
 )}
 
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -77,19 +78,41 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 @contextlib.contextmanager
 def atomic_output(dst: str | Path, *, overwrite: bool = False):
-    """Yields a temporary sibling of `dst`; renames it to `dst` only if the block succeeds."""
+    """Yields a temporary sibling of `dst`; renames it to `dst` only if the block succeeds.
+
+    The temporary folder is `.DST.tmp-PID`; those of processes no longer running (killed
+    converters) are removed first. Without `overwrite`, a `dst` that another process wrote
+    meanwhile is an error and stays as that process wrote it."""
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        what = "a dangling symbolic link" if not dst.exists() else "already exists"
+        raise CheckpointError(f"{dst} {what} (pass --overwrite to replace it)")
+    remove_stale_temporaries(dst)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        _commit(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if dst.exists():
+
+
+def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
+    if not overwrite:
+        # rename(2) onto an existing non-empty folder fails: of two converters racing to one
+        # destination, only the first to finish succeeds.
+        try:
+            if dst.exists() or dst.is_symlink():
+                raise FileExistsError
+            tmp.rename(dst)
+        except OSError:
+            raise CheckpointError(
+                f"{dst} was written by another process meanwhile; this result was discarded "
+                "(pass --overwrite to replace it)") from None
+        return
+    if dst.exists() or dst.is_symlink():
         old = dst.parent / f".{dst.name}.old-{os.getpid()}"
         dst.rename(old)
         tmp.rename(dst)
@@ -101,6 +124,35 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False):
         tmp.rename(dst)
 
 
+def remove_stale_temporaries(dst: str | Path) -> list[Path]:
+    """Removes `.DST.tmp-PID` / `.DST.old-PID` siblings of `dst` whose process is gone (on
+    this machine); returns what was removed."""
+    dst = Path(dst).absolute()
+    removed = []
+    for p in dst.parent.glob(f".{dst.name}.*-*"):
+        kind, _, pid = p.name[len(dst.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 # -- Orbax -------------------------------------------------------------------------------------
 
 def save_params(params: dict[str, object], path: Path) -> None:
@@ -110,11 +162,37 @@ def save_params(params: dict[str, object], path: Path) -> None:
     ckptr = ocp.StandardCheckpointer(use_ocdbt=False)
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(_skip_ocdbt_merge_warning)
+    absl_logger.addFilter(_skip_errors)  # a failed write: its reason is the CheckpointError's
     try:
         ckptr.save(Path(path).absolute(), nest(params))
         ckptr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 - tensorstore's errors span many lines
+        raise CheckpointError(f"cannot write {path}: {_short_reason(e)}") from None
     finally:
+        # An interrupted save still has Orbax threads writing: wait for them, so that the
+        # caller's cleanup is not followed by late writes.
+        with contextlib.suppress(Exception):
+            ckptr.wait_until_finished()
+        ckptr.close()
         absl_logger.removeFilter(_skip_ocdbt_merge_warning)
+        absl_logger.removeFilter(_skip_errors)
+
+
+def _skip_errors(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+def _short_reason(e: BaseException) -> str:
+    """One line for an Orbax/tensorstore error: the OS error it names, else its first line."""
+    text = str(e)
+    code = re.search(r"os_error_code='?(\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1)))
+    m = re.search(r"OS error(?: \d+)?: ([^\]\"\n]+)", text) or re.search(r"\[Errno \d+\] ([^\n'\"]+)", text)
+    if m:
+        return m.group(1).strip()
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def _skip_ocdbt_merge_warning(record: logging.LogRecord) -> bool:
@@ -141,7 +219,10 @@ def restore_params(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[
                 f"shape mismatch for {name}: checkpoint has {tuple(stored[name].shape)}, "
                 f"model expects {tuple(want.shape)}"
             )
-    restored = flatten(ckptr.restore(path, nest(target)))
+    try:
+        restored = flatten(ckptr.restore(path, nest(target)))
+    except Exception as e:  # noqa: BLE001 - a damaged chunk: tensorstore's errors span many lines
+        raise CheckpointError(f"{path}: damaged Orbax checkpoint ({_short_reason(e)})") from None
     return {
         k: jax.device_put(v, target[k].sharding) if isinstance(v, np.ndarray) else v
         for k, v in restored.items()

@@ -59,6 +59,11 @@ class SafetensorsFile:
                 begin, end = (int(o) for o in e["data_offsets"])
             except (KeyError, TypeError, ValueError):
                 raise CheckpointError(f"{self.path}: corrupt header entry for tensor {name}") from None
+            if begin < 0 or end < begin or any(d < 0 for d in shape):
+                raise CheckpointError(
+                    f"{self.path}: corrupt header entry for tensor {name}: offsets [{begin}, {end}] "
+                    f"shape {list(shape)}"
+                )
             if end - begin != math.prod(shape) * dtype.itemsize:
                 raise CheckpointError(
                     f"{self.path}: corrupt tensor {name}: {end - begin} bytes for shape {shape} {e['dtype']}"
@@ -69,6 +74,19 @@ class SafetensorsFile:
                     f"{self.data_start + end} but the file has {size}"
                 )
             self.entries[name] = (dtype, shape, begin, end)
+        # As the format defines them, the tensors cover the data section exactly: sorted by
+        # offset, each begins where the previous ends, from 0 to the end of the file.
+        expected = 0
+        for name, (_, _, begin, end) in sorted(self.entries.items(), key=lambda kv: kv[1][2:]):
+            if begin != expected:
+                what = "overlaps the tensor before it" if begin < expected else f"leaves a gap of {begin - expected} bytes before it"
+                raise CheckpointError(f"{self.path}: corrupt tensor offsets: tensor {name} at [{begin}, {end}] {what}")
+            expected = end
+        if self.data_start + expected != size:
+            raise CheckpointError(
+                f"{self.path}: corrupt safetensors file: {size - self.data_start - expected} bytes "
+                "after the last tensor"
+            )
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -39,13 +39,35 @@ _BERT_DEFAULTS = dict(
 )
 
 
+def _check_numbers(values: dict[str, Any], where: str, counts=(), optional_counts=(), positive=()) -> None:
+    """Sizes and counts are positive integers (a bool is not one), `positive` numbers > 0:
+    a one-line error naming the field otherwise, before anything computes with them."""
+    for name in (*counts, *optional_counts):
+        x = values.get(name)
+        if x is None and name in optional_counts:
+            continue
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise ConfigError(f"{where}{name} must be a positive integer, got {x!r}")
+    for name in positive:
+        x = values.get(name)
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+            raise ConfigError(f"{where}{name} must be a positive number, got {x!r}")
+
+
+def _check_object(d, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__} {json.dumps(d)[:40]}")
+    return d
+
+
 def _square(value, name: str) -> int:
     """ViT configs allow `image_size` / `patch_size` as an int or a square pair."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2 or value[0] != value[1]:
             raise ConfigError(f"unsupported non-square encoder {name} {value!r}")
         value = value[0]
-    return int(value)
+    _check_numbers({name: value}, "encoder.", counts=(name,))
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +105,9 @@ class ViTConfig:
         if model_type not in ("vit", "deit"):
             raise ConfigError(f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit')")
         v = {**_VIT_DEFAULTS, **d}
+        _check_numbers(v, "encoder.", counts=("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                              "intermediate_size", "num_channels"),
+                       optional_counts=("pooler_output_size",), positive=("layer_norm_eps",))
         return cls(
             model_type=model_type, hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
             num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
@@ -136,6 +161,8 @@ class DecoderConfig:
             raise ConfigError(f"unsupported position_embedding_type {d['position_embedding_type']!r}")
         if model_type == "gpt2":
             v = {**_GPT2_DEFAULTS, **d}
+            _check_numbers(v, "decoder.", counts=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+                           optional_counts=("n_inner",), positive=("layer_norm_epsilon",))
             return cls(
                 model_type="gpt2", vocab_size=v["vocab_size"], hidden_size=v["n_embd"],
                 num_hidden_layers=v["n_layer"], num_attention_heads=v["n_head"],
@@ -146,6 +173,9 @@ class DecoderConfig:
                 bos_token_id=v["bos_token_id"], eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
             )
         v = {**_BERT_DEFAULTS, **d}
+        _check_numbers(v, "decoder.", counts=(
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size"), positive=("layer_norm_eps",))
         return cls(
             model_type="bert", vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
             num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
@@ -173,12 +203,13 @@ class VisionEncoderDecoderConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VisionEncoderDecoderConfig:
+        _check_object(d, "config.json")
         if d.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
         if "encoder" not in d or "decoder" not in d:
             raise ConfigError("a vision-encoder-decoder config needs 'encoder' and 'decoder' sub-configs")
-        encoder = ViTConfig.from_hf_dict(d["encoder"])
-        decoder = DecoderConfig.from_hf_dict(d["decoder"])
+        encoder = ViTConfig.from_hf_dict(_check_object(d["encoder"], "config.json's encoder"))
+        decoder = DecoderConfig.from_hf_dict(_check_object(d["decoder"], "config.json's decoder"))
         cross = d["decoder"].get("cross_attention_hidden_size")
         if cross is not None and encoder.hidden_size != decoder.hidden_size:
             # GPT-2 and BERT build their cross-attention for the decoder's own width.
