@@ -73,3 +73,53 @@ def test_questions_are_the_first_turn_with_images_beside_the_data(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps({"id": 1, "conversations": []}) + "\n")
     with pytest.raises(VipLlavaError, match="record 0: needs an image"):
         load_questions(tmp_path / "bad.jsonl")
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def test_eval_defaults_to_the_embedded_model_and_its_test_split(capsys):
+    from vipllava_jax.evaluation.cli import main
+
+    assert main(["--limit", "4", "--batch-size", "2"]) == 0
+    out = capsys.readouterr()
+    assert "all               4    100.0%" in out.out
+    assert "answering" in out.err  # the progress bar, 2 batches
+    assert "2/2" in out.err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--out", "."], "is a folder"),
+])
+def test_eval_bad_flags_are_one_line_errors_before_any_work(capsys, flags, message):
+    from vipllava_jax.evaluation.cli import main
+
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_eval_out_is_checked_before_answering(tmp_path):
+    from vipllava_jax.evaluation.evaluate import evaluate
+
+    class NoModel:
+        def generate(self, *a, **k):
+            raise AssertionError("answered before checking --out")
+
+    with pytest.raises(VipLlavaError, match="is a folder"):
+        evaluate("unused", "unused.jsonl", out=tmp_path, model=NoModel(), processor=object())
+    with pytest.raises(VipLlavaError, match="limit must be >= 1"):
+        evaluate("unused", "unused.jsonl", limit=0, model=NoModel(), processor=object())
+
+
+def test_conversations_as_strings_are_one_line_errors(tmp_path):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "conversations": ["what?", "white"]}) + "\n")
+    with pytest.raises(VipLlavaError, match="record 0: conversations must be a list") as e:
+        load_questions(data)
+    assert "\n" not in str(e.value)
+    data.write_text(json.dumps({"image": "a.png", "conversations": "what? white"}) + "\n")
+    with pytest.raises(VipLlavaError, match="record 0: conversations must be a list"):
+        load_questions(data)

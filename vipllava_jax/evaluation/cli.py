@@ -1,25 +1,51 @@
-"""`vipllava-eval`: answer a LLaVA-format question set and score it (logic: vipllava_jax.evaluation.evaluate)."""
+"""`vipllava-eval`: answer a LLaVA-format question set and score it (logic: vipllava_jax.evaluation.evaluate).
+
+Without --model and --data it scores the embedded tiny model on its held-out test split, with
+the images beside it. jax loads only after the arguments parse, so --help is fast."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vipllava_jax.errors import VipLlavaError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="vipllava-eval", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="Orbax folder from vipllava-convert (or an HF folder)")
-    p.add_argument("--data", required=True, help="LLaVA-format JSON or JSONL (first human/gpt turn)")
+    from vipllava_jax.embedded import EMBEDDED_MODEL, EMBEDDED_TEST_SPLIT
+
+    p = argparse.ArgumentParser(prog="vipllava-eval", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--model", default=str(EMBEDDED_MODEL),
+                   help="Orbax folder from vipllava-convert, or an HF folder with its tokenizer "
+                   "(default: the embedded tiny model, %(default)s)")
+    p.add_argument("--data", default=str(EMBEDDED_TEST_SPLIT),
+                   help="LLaVA-format JSON or JSONL: each record's image and first human/gpt turn "
+                   "(default: the embedded model's test split, %(default)s)")
     p.add_argument("--image-folder", help="where the records' images are (default: the data file's folder)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--template", default="vipllava", choices=["vipllava", "llava_v1"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--limit", type=int, help="only the first N records")
-    p.add_argument("--out", help="write the predictions here as JSONL")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="questions answered together (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=16,
+                   help="the longest answer, in tokens; answers also stop at the template's turn "
+                   "end (default: %(default)s)")
+    p.add_argument("--template", default="vipllava", choices=["llava_v1", "vipllava"],
+                   help="chat format: vipllava (the HF model card's, '###' ends a turn) or llava_v1 "
+                   "(the original repository's, '</s>' ends a turn) (default: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype of the model (default: %(default)s; bfloat16 halves memory)")
+    p.add_argument("--limit", type=int, help="only the first N records (N >= 1)")
+    p.add_argument("--out", help="write the predictions here as JSONL (a file, checked before any answer)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        return _fail(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens < 1:
+        return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.out is not None and Path(args.out).is_dir():
+        return _fail(f"--out {args.out} is a folder; give a file name")
 
     from vipllava_jax.evaluation.evaluate import evaluate, format_table
 
@@ -27,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         summary, _ = evaluate(
             args.model, args.data, image_folder=args.image_folder, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, template=args.template, dtype=args.dtype,
-            limit=args.limit, out=args.out,
+            limit=args.limit, out=args.out, progress=not args.no_progress,
         )
     except (VipLlavaError, OSError) as e:
         print(f"vipllava-eval: error: {e}", file=sys.stderr)
@@ -36,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         print(f"predictions -> {args.out}")
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"vipllava-eval: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

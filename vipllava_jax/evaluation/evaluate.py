@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -80,9 +81,19 @@ def load_questions(
             records = [json.loads(line) for line in raw.splitlines() if line.strip()]
     except json.JSONDecodeError as e:
         raise VipLlavaError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(records, list):
+        raise VipLlavaError(f"{path}: expected a list of records, got {type(records).__name__}")
     out = []
     for i, r in enumerate(records):
         conv = r.get("conversations") if isinstance(r, dict) else None
+        if conv is not None and not (
+            isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("value"), str)
+                                           for m in conv)
+        ):
+            raise VipLlavaError(
+                f"{path} record {i}: conversations must be a list of {{\"from\": ..., \"value\": "
+                f"str}} turns, got {json.dumps(conv)[:60]}"
+            )
         human = next((m["value"] for m in conv or [] if m.get("from") in ("human", "user")), None)
         gpt = next((m["value"] for m in conv or [] if m.get("from") in ("gpt", "assistant")), None)
         if human is None or gpt is None or not r.get("image"):
@@ -140,7 +151,7 @@ def format_table(summary: dict[str, Any]) -> str:
 
 def generate_answers(
     model, processor, questions: Sequence[str], images: Sequence[Any], *, batch_size: int = 32,
-    max_new_tokens: int = 16, template: str = "vipllava",
+    max_new_tokens: int = 16, template: str = "vipllava", progress: bool = False,
 ) -> list[str]:
     """Greedy answers to `questions[i]` about `images[i]` (paths, PIL images or arrays).
 
@@ -155,7 +166,12 @@ def generate_answers(
         raise VipLlavaError(f"{len(questions)} questions but {len(images)} images")
     eos, stops = stop_tokens(processor.tokenizer, template)
     answers = []
-    for start in range(0, len(questions), batch_size):
+    starts = range(0, len(questions), batch_size)
+    if progress:
+        from tqdm import tqdm  # the terminal bar (tqdm.auto wants ipywidgets in notebooks)
+
+        starts = tqdm(starts, desc="answering", unit="batch", file=sys.stderr)
+    for start in starts:
         texts = list(questions[start : start + batch_size])
         ims = list(images[start : start + batch_size])
         n = len(texts)
@@ -179,7 +195,7 @@ def evaluate(
     model_dir: str | Path, data: str | Path, *, image_folder: str | Path | None = None,
     batch_size: int = 32, max_new_tokens: int = 16, template: str = "vipllava",
     dtype: str = "float32", limit: int | None = None, out: str | Path | None = None,
-    model=None, processor=None,
+    model=None, processor=None, progress: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answers every question of `data` with the model in `model_dir` and scores them.
 
@@ -188,6 +204,11 @@ def evaluate(
         data: LLaVA-format JSON/JSONL; `limit` keeps its first N records.
         out: if given, the predictions are written there as JSONL.
         model, processor: already loaded ones (then `model_dir` is not read).
+        progress: show a progress bar (batches) on stderr.
+
+    Raises:
+        VipLlavaError: bad arguments or data, or an `out` that cannot be written (checked
+            before any answer is computed).
 
     Returns:
         (`summarize`'s dict, the prediction rows).
@@ -195,13 +216,26 @@ def evaluate(
     from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
     from vipllava_jax.processing.processor import VipLlavaProcessor
 
+    if limit is not None and limit < 1:
+        raise VipLlavaError(f"limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise VipLlavaError(f"batch_size must be >= 1, got {batch_size}")
+    if out is not None:  # fail before the work, not after it
+        out = Path(out)
+        if out.is_dir():
+            raise VipLlavaError(f"--out {out} is a folder; give a file name")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            open(out, "a").close()
+        except OSError as e:
+            raise VipLlavaError(f"cannot write the predictions to {out}: {e}") from None
     questions = load_questions(data, image_folder)[:limit]
     processor = processor or VipLlavaProcessor.from_pretrained(model_dir)
     model = model or VipLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     predictions = generate_answers(
         model, processor, [q.question for q in questions], [q.image for q in questions],
         batch_size=min(batch_size, len(questions)),
-        max_new_tokens=max_new_tokens, template=template,
+        max_new_tokens=max_new_tokens, template=template, progress=progress,
     )
     rows = [
         {"id": q.id, "category": q.category, "pair": q.pair, "question": q.question,
@@ -209,7 +243,6 @@ def evaluate(
         for q, p in zip(questions, predictions)
     ]
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
