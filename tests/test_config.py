@@ -133,3 +133,20 @@ def test_malformed_ved_configs_name_the_problem(tmp_path):
 def test_text_config_defaults_follow_model_type():
     assert TextConfig.from_hf_dict({"model_type": "mistral"}).num_key_value_heads == 8
     assert TextConfig.from_hf_dict({"model_type": "mistral", "sliding_window": None}).sliding_window is None
+
+
+def test_out_of_range_token_ids_are_one_line_errors(tiny_hf):
+    """ids >= vocab would give NaN logits and negative ids would wrap: refused on the host,
+    before anything compiles, in forward and in generate."""
+    import numpy as np
+
+    from vipllava_jax import VipLlavaError, VipLlavaForConditionalGeneration
+
+    model = VipLlavaForConditionalGeneration.from_pretrained(tiny_hf[1])
+    vocab = model.config.text_config.vocab_size
+    for bad in (vocab, -1):
+        ids = np.array([[1, 5, bad, 7]])
+        with pytest.raises(VipLlavaError, match=rf"token id {bad} \(1 out of range\).*\[0, {vocab}\)"):
+            model(ids)
+        with pytest.raises(VipLlavaError, match=rf"token id {bad}"):
+            model.generate(ids, max_new_tokens=2)

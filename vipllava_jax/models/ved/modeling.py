@@ -214,6 +214,14 @@ class VisionEncoderDecoderModel(nnx.Module):
         for name, x in (("decoder_attention_mask", decoder_attention_mask), ("labels", labels)):
             if x is not None and np.shape(x) != shape:
                 raise VipLlavaError(f"{name} has shape {np.shape(x)}, decoder inputs have {shape}")
+        if decoder_input_ids is not None and not isinstance(decoder_input_ids, jax.core.Tracer):
+            # an embedding lookup out of range gives NaN (or wraps, for negative ids)
+            ids = np.asarray(decoder_input_ids)
+            bad = (ids < 0) | (ids >= cfg.decoder.vocab_size)
+            if bad.any():
+                raise VipLlavaError(
+                    f"decoder_input_ids holds token id {int(ids[bad].flat[0])} ({int(bad.sum())} out of "
+                    f"range): ids must be in [0, {cfg.decoder.vocab_size}) for this model's vocabulary")
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ def check_inputs(config: VipLlavaConfig, input_ids, pixel_values, attention_mask
         )
     if isinstance(input_ids, jax.core.Tracer):
         return
+    check_token_ids(np.asarray(input_ids), config.text_config.vocab_size, "input_ids",
+                    allowed=config.image_token_index)
     n_tokens = int(np.sum(np.asarray(input_ids) == config.image_token_index))
     n_images = 0 if pixel_values is None else np.shape(pixel_values)[0]
     n_features = n_images * config.num_image_tokens
@@ -39,3 +41,18 @@ def check_inputs(config: VipLlavaConfig, input_ids, pixel_values, attention_mask
             f"tokens (id {config.image_token_index}) but {n_images} image(s) give {n_features} "
             f"features ({config.num_image_tokens} per image)"
         )
+
+
+def check_token_ids(ids: np.ndarray, vocab_size: int, name: str, allowed: int | None = None) -> None:
+    """Token ids must index the vocabulary (an embedding lookup would give NaN or wrap):
+    `0 <= id < vocab_size`, or `allowed` (the image placeholder, replaced before the lookup)."""
+    if ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if allowed is not None:
+        bad &= ids != allowed
+    if bad.any():
+        first = ids[bad].flat[0]
+        raise VipLlavaError(
+            f"{name} holds token id {int(first)} ({int(bad.sum())} out of range): ids must be in "
+            f"[0, {vocab_size}) for this model's vocabulary")
