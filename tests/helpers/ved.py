@@ -10,16 +10,17 @@ VOCAB = 61
 START, PAD = 1, 0
 ATOL = 1e-4
 
-# name -> (encoder type, decoder type, decoder hidden size, tie_word_embeddings)
+# name -> (encoder type, decoder type, decoder hidden size, tie_word_embeddings[, type_vocab_size])
 SHAPES = {
     "vit_gpt2": ("vit", "gpt2", 32, True),
     "vit_bert": ("vit", "bert", 32, True),
     "deit_gpt2_proj": ("deit", "gpt2", 48, False),  # enc_to_dec_proj: 32 -> 48, untied head
     "vit_bert_proj": ("vit", "bert", 48, False),
+    "vit_bert_one_type": ("vit", "bert", 32, True, 1),  # a one-row token-type table
 }
 
 
-def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True):
+def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_vocab_size=2):
     from transformers import BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     enc_cls = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
@@ -31,7 +32,8 @@ def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True):
         dec = GPT2Config(n_embd=dec_hidden, n_layer=2, n_head=4, n_positions=64, **common)
     else:
         dec = BertConfig(hidden_size=dec_hidden, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, **common)
+                         num_attention_heads=4, max_position_embeddings=64,
+                         type_vocab_size=type_vocab_size, **common)
     return VisionEncoderDecoderConfig(encoder=enc.to_dict(), decoder=dec.to_dict(),
                                       decoder_start_token_id=START, pad_token_id=PAD)
 

@@ -106,7 +106,10 @@ class BertEmbeddings(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         # A decoder sees token type 0 everywhere (transformers' default token_type_ids).
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(jnp.zeros((), jnp.int32))
+        # Row 0 of the table, read directly: nnx.Embed cannot broadcast a scalar id over a
+        # one-row table (type_vocab_size=1).
+        words = self.word_embeddings(input_ids)
+        x = words + self.token_type_embeddings.embedding[0].astype(words.dtype)
         return self.LayerNorm(x + self.position_embeddings(positions)[None])
 
 
