@@ -4,6 +4,7 @@ its optimizer and step settings (`TrainConfig`, the run config's [train] table).
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,17 @@ class TrainConfig:
     lr_multipliers: tuple[tuple[str, float], ...] = ()  # a dict is accepted (and converted)
 
     def __post_init__(self):
+        _check_field_types(self, "[train] ")
+        for name in ("learning_rate", "eps", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"[train] {name} must be a finite number > 0, got {getattr(self, name)}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"[train] weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"[train] {name} must be in [0, 1), got {getattr(self, name)}")
+        if self.total_steps < 1:
+            raise ValueError(f"[train] total_steps must be >= 1, got {self.total_steps}")
         multipliers = dict(self.lr_multipliers)
         if any(not isinstance(f, (int, float)) or f < 0 for f in multipliers.values()):
             raise ValueError(
@@ -96,10 +108,33 @@ class TrainConfig:
             raise ValueError(f"lora_rank must be >= 1, got {self.lora_rank}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
+        if self.warmup_steps < 0:
+            raise ValueError(f"[train] warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps > self.total_steps:
             raise ValueError(
-                f"need 0 <= warmup_steps <= total_steps, got {self.warmup_steps}, {self.total_steps}"
+                f"[train] warmup_steps ({self.warmup_steps}) is longer than the schedule's "
+                f"total_steps ({self.total_steps}, which is `steps` unless [train] sets it): "
+                "lower warmup_steps or raise steps"
             )
+
+
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_field_types(obj, where: str) -> None:
+    """Fields annotated int, float, str or bool (or `X | None`) hold such a value (a bool is
+    not a number here): a config value of the wrong kind is a one-line error naming it."""
+    for f in dataclasses.fields(obj):
+        kind, _, none = f.type.partition(" | ")
+        if kind not in _TYPES:
+            continue
+        value = getattr(obj, f.name)
+        if value is None and none == "None":
+            continue
+        if isinstance(value, bool) and kind != "bool" or not isinstance(value, _TYPES[kind]):
+            raise ValueError(f"{where}{f.name} must be {'a' if kind != 'int' else 'an'} {kind}, got {value!r}")
+        if kind == "float":
+            object.__setattr__(obj, f.name, float(value))
 
 
 class TrainingError(VipLlavaError):
@@ -138,6 +173,18 @@ class RunConfig:
     process_id: int | None = None
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        _check_field_types(self, "")
+        for name in ("batch_size", "max_length", "steps", "save_every", "keep", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         d = dict(d)
@@ -159,7 +206,12 @@ class RunConfig:
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
         """A TOML file, then `key=value` overrides (`train.learning_rate=1e-4`, `steps=10`)."""
-        d = tomllib.loads(Path(path).read_text())
+        try:
+            d = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainingError(f"{path}: invalid TOML ({e})") from None
+        except UnicodeDecodeError:
+            raise TrainingError(f"{path}: not a text file") from None
         for item in overrides:
             key, sep, raw = item.partition("=")
             if not sep:

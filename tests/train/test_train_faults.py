@@ -56,3 +56,26 @@ def test_copied_moved_and_damaged_runs(workspace, tmp_path):
     assert (run / "checkpoints.damaged" / "2").is_dir()
     rows = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps = [", "invalid TOML"),
+    ("save_every = 0", "save_every must be >= 1, got 0"),
+    ("seed = 1180591620717411303424", "seed must be in [0, 2**32)"),
+    ("[train]\nlearning_rate = -1", "learning_rate must be a finite number > 0, got -1"),
+    ("[train]\nlearning_rate = \"abc\"", "learning_rate must be a float, got 'abc'"),
+    ("batch_size = 2.5", "batch_size must be an int, got 2.5"),
+    ("steps = 100\n[train]\nwarmup_steps = 150", "warmup_steps (150) is longer than the schedule's total_steps (100"),
+    ("mesh = \"data=4096\"", "axis sizes multiply to 4096, but there are"),
+])
+def test_bad_run_configs_are_one_line_errors(tmp_path, capsys, text, message):
+    from vipllava_jax.train.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text(f'model = "{tmp_path}"\ndata = "{tmp_path / "d.jsonl"}"\n'
+                      f'output_dir = "{tmp_path / "out"}"\n' + text + "\n")
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vipllava-train: error: "), err
+    assert message in err[0], err[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
