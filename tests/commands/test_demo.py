@@ -43,3 +43,13 @@ def test_demo_rejects_an_image_without_a_box_and_a_bad_marker(capsys, tmp_path):
     assert e.value.code == 2
     assert main(["--marker", "star", "--no-compare", "--save-marked", str(tmp_path / "x.png")]) == 2
     assert "unknown marker 'star'" in capsys.readouterr().err
+
+
+def test_demo_says_where_the_png_is_and_prints_the_box_as_given(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--no-compare", "--max-new-tokens", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"at 17,17,29,29) -> {tmp_path.resolve() / 'vipllava_demo_marked.png'}" in first
+    assert main(["--no-compare", "--max-new-tokens", "2", "--image", str(DEMO_IMAGE),
+                 "--box", "17,17,29.5,29"]) == 0
+    assert "at 17,17,29.5,29) ->" in capsys.readouterr().out

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--question", default=DEMO_QUESTION)
     p.add_argument("--model", default=str(EMBEDDED_MODEL), help="model folder (default: the embedded tiny model)")
     p.add_argument("--save-marked", default="vipllava_demo_marked.png", metavar="PATH",
-                   help="where to write the marked image (default: %(default)s)")
+                   help="where to write the marked image (default: %(default)s in the current folder)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--no-compare", action="store_true", help="skip the transformers comparison")
     args = p.parse_args(argv)
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     except (VipLlavaError, OSError) as e:
         print(f"vipllava-demo: error: {e}", file=sys.stderr)
         return 2
-    print(f"marked image ({args.color} {args.marker} at {args.box or DEMO_BOX}) -> {args.save_marked}")
+    box = ",".join(f"{v:g}" for v in (args.box or DEMO_BOX))  # 17 and 17.0 print alike
+    print(f"marked image ({args.color} {args.marker} at {box}) -> {Path(args.save_marked).resolve()}")
     print(f"question: {args.question}")
     print(f"answer: {r['answer']}")
     if "hf_answer" in r:
