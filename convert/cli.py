@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="parameter dtype to store (default: the checkpoint's own)")
     a.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    a.add_argument("--projector", metavar="FILE",
+                   help="a weight file whose tensors replace SRC's of the same name: the original "
+                        "ViP-LLaVA's stage-1 mm_projector.bin applied onto its base model")
     a.add_argument("--check", action="store_true",
                    help="then run SRC with transformers (PyTorch) and DST with vipllava-jax on one random "
                         "input: print max |logit difference| and greedy agreement; exit 1 past the dtype's tolerance")
@@ -38,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "hf-to-orbax":
             out = conversions.hf_to_orbax(args.src, args.dst, dtype=args.dtype,
-                                         overwrite=args.overwrite, progress=True)
+                                         overwrite=args.overwrite, progress=True, projector=args.projector)
         else:
             out = conversions.orbax_to_hf(args.src, args.dst, overwrite=args.overwrite,
                                          max_shard_bytes=int(args.max_shard_size * 2**30),

@@ -27,14 +27,16 @@ from vipllava_jax.checkpoint import (
     write_hf_folder,
     write_orbax_folder,
 )
-from vipllava_jax.checkpoint.hf import read_hf_params
+from vipllava_jax.checkpoint.hf import open_weight_file, read_hf_params
 from vipllava_jax.errors import CheckpointError
 from vipllava_jax.registry import family_of, family_of_model
 from vipllava_jax.train.export import is_training_run, load_trained_model
 
 
-def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Path:
-    """Converts an HF folder of any registered family to an Orbax folder; returns `dst`."""
+def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False, projector=None) -> Path:
+    """Converts an HF folder of any registered family to an Orbax folder; returns `dst`.
+    `projector`: a weight file (the original's stage-1 `mm_projector.bin`) whose tensors
+    replace the folder's of the same name."""
     src, dst = Path(src), Path(dst)
     family = family_of(src)
     config = family.config_class.from_pretrained(src)
@@ -48,6 +50,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False) -> Pat
         params = read_hf_params(
             src, expected, tied_head=family.tied_head(config), progress=progress, mapping=family.mapping,
             convert=lambda _, a: jnp.asarray(np.asarray(a, dtype)),
+            overlay=None if projector is None else open_weight_file(projector),
         )
         write_orbax_folder(tmp, params, config, dtype)
         del params

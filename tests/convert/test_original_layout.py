@@ -71,3 +71,26 @@ def test_original_layout_without_its_vision_tower_is_one_line(original, tmp_path
     assert not (tmp_path / "out").exists()
     with pytest.raises(CheckpointError, match="holds no vision tower"):
         VipLlavaForConditionalGeneration.from_pretrained(stripped)
+
+
+def test_a_stage_one_projector_file_applied_onto_its_base(original, tmp_path):
+    """The original's two-stage release: a base checkpoint plus `mm_projector.bin` (the
+    projector's tensors alone) converts to the same model as the full checkpoint."""
+    _, folder = original
+    state = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    projector = {k: v for k, v in state.items() if ".mm_projector." in k}
+    assert len(projector) == 6
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in folder.iterdir():
+        if f.name != "pytorch_model.bin":
+            (base / f.name).write_bytes(f.read_bytes())
+    torch.save({k: (torch.randn_like(v) if k in projector else v) for k, v in state.items()}, base / "pytorch_model.bin")
+    torch.save(projector, tmp_path / "mm_projector.bin")
+
+    assert main(["hf-to-orbax", str(base), str(tmp_path / "applied"), "--projector", str(tmp_path / "mm_projector.bin")]) == 0
+    hf_to_orbax(folder, tmp_path / "full")
+    ids, pixels = inputs()
+    applied = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "applied")
+    full = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "full")
+    np.testing.assert_array_equal(np.asarray(applied(ids, pixels).logits), np.asarray(full(ids, pixels).logits))

@@ -62,6 +62,11 @@ def _open_bin(path: Path) -> TensorTable:
     return {k: (tuple(v.shape), lambda v=v: _torch_to_numpy(v)) for k, v in state.items()}
 
 
+def open_weight_file(path: str | Path) -> TensorTable:
+    """The tensors of one weight file (safetensors or a PyTorch `.bin`), by stored key."""
+    return _open_file(Path(path))
+
+
 def _open_file(path: Path) -> TensorTable:
     if not path.is_file():
         raise CheckpointError(f"weight file {path} is missing")
@@ -105,6 +110,7 @@ def read_hf_params(
     convert: Callable[[str, np.ndarray], object] | None = None,
     progress: bool = False,
     mapping: KeyMapping,
+    overlay: TensorTable | None = None,
 ) -> dict[str, object]:
     """Reads an HF folder into our parameter paths.
 
@@ -114,8 +120,13 @@ def read_hf_params(
       convert: applied to each tensor once it is in our layout (cast, device_put); each
         source tensor is released before the next is read, so memory peaks near one copy.
       mapping: the model family's name table.
+      overlay: tensors that replace the folder's of the same (canonical) name, e.g. a
+        stage-1 projector file applied onto a base model.
     """
     table = open_hf_weights(folder)
+    if overlay:
+        replaced = {mapping.canonical_key(k) for k in overlay}
+        table = {k: v for k, v in table.items() if mapping.canonical_key(k) not in replaced} | overlay
     wanted = {}
     for path, abstract in expected.items():
         key, leaf = mapping.hf_key_for(path, len(abstract.shape))
