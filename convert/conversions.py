@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vipllava_jax import hub
 from vipllava_jax.checkpoint import (
     MARKER,
     atomic_output,
@@ -37,7 +38,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False, projec
     """Converts an HF folder of any registered family to an Orbax folder; returns `dst`.
     `projector`: a weight file (the original's stage-1 `mm_projector.bin`) whose tensors
     replace the folder's of the same name."""
-    src, dst = Path(src), Path(dst)
+    src, dst = hub.resolve(src), Path(dst)
     family = family_of(src)
     config = family.config_class.from_pretrained(src)
     dtype = normalize_dtype(dtype or config.dtype)

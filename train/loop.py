@@ -36,6 +36,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from vipllava_jax import hub
 from vipllava_jax.processing.captions import image_preprocessor
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.registry import family_of
@@ -76,6 +77,7 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     (`hosts.join_hosts`, which `vipllava-train` calls itself)."""
     settings = explicit_settings(dataclasses.asdict(cfg))
     check_joined(settings["num_processes"] if settings else 1)
+    cfg = dataclasses.replace(cfg, model=str(hub.resolve(cfg.model)))  # a hub id: its cached snapshot
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.output_dir):
         return _train(cfg, progress=progress)

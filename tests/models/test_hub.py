@@ -61,3 +61,18 @@ def test_a_missing_hub_id_is_one_clear_line(hub_cache):
         VipLlavaForConditionalGeneration.from_pretrained("org/missing")
     with pytest.raises(CheckpointError, match="revision="):
         resolve(hub_cache, revision="main")
+
+
+def test_convert_command_takes_a_hub_id(hub_cache, tiny_hf, tmp_path, capsys):
+    from vipllava_jax.convert.cli import main
+
+    hf, _ = tiny_hf
+    assert main(["hf-to-orbax", "org/tiny-vipllava", str(tmp_path / "orbax")]) == 0
+    inputs = make_inputs(hf.config)
+    expected, _ = torch_forward(hf, inputs)
+    model = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "orbax")
+    logits = np.asarray(model(inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]).logits)
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+    assert main(["hf-to-orbax", "org/missing", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the first run's progress bars
+    assert err.startswith("vipllava-convert: error: 'org/missing' is neither a local folder nor a model"), err
