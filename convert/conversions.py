@@ -31,7 +31,7 @@ from vipllava_jax.checkpoint import (
 from vipllava_jax.checkpoint.hf import open_weight_file, read_hf_params
 from vipllava_jax.errors import CheckpointError
 from vipllava_jax.registry import family_of, family_of_model
-from vipllava_jax.train.export import is_training_run, load_trained_model
+from vipllava_jax.train.export import RUN_FILES, is_training_run, load_trained_model
 
 
 def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False, projector=None) -> Path:
@@ -72,5 +72,7 @@ def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progres
         model = family.model_class.from_pretrained(src, dtype=family.config_class.from_pretrained(src).dtype)
     else:
         raise CheckpointError(f"{src} is not a vipllava-jax Orbax folder (no {MARKER}) nor a training run")
-    return write_hf_folder(model, src, dst, mapping=family_of_model(model).mapping, overwrite=overwrite,
-                           max_shard_bytes=max_shard_bytes, progress=progress)
+    family = family_of_model(model)
+    return write_hf_folder(model, src, dst, mapping=family.mapping, overwrite=overwrite,
+                           max_shard_bytes=max_shard_bytes, progress=progress,
+                           defaults=family.processor_files(model.config), skip=RUN_FILES)

@@ -17,6 +17,8 @@ from vipllava_jax.train.mesh import mesh_from_spec
 from vipllava_jax.train.step import init_train_state, merge_model
 
 RUN_CONFIG = "run_config.json"
+# A run's own files in its output folder, never part of a model exported from it.
+RUN_FILES = (RUN_CONFIG, "metrics.jsonl", ".run.lock")
 
 
 def is_training_run(path: str | Path) -> bool:

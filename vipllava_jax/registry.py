@@ -18,9 +18,11 @@ from flax import nnx
 
 from vipllava_jax.checkpoint.mapping import KeyMapping
 from vipllava_jax.errors import ConfigError
+from vipllava_jax.models.ved import mapping as ved_mapping
 from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
 from vipllava_jax.models.ved.mapping import VED_MAPPING
 from vipllava_jax.models.ved.modeling import VisionEncoderDecoderModel
+from vipllava_jax.models.vipllava import mapping as vipllava_mapping
 from vipllava_jax.models.vipllava import original
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.models.vipllava.mapping import VIPLLAVA
@@ -84,6 +86,8 @@ class Family:
     image_side(config): the `ImageSide` of the FLOP count.
     side_files(src, dst, config): what a conversion writes besides the weights and config.json
       after the source's tokenizer/processor files are copied (None: nothing more).
+    processor_files(config): name -> JSON of the processor files transformers' AutoProcessor
+      reads, written into an export whose source lacks them.
     """
 
     model_type: str
@@ -95,6 +99,7 @@ class Family:
     text_config: Callable[[Any], Any]
     image_side: Callable[[Any], ImageSide]
     side_files: Callable[[Path, Path, Any], None] | None = None
+    processor_files: Callable[[Any], dict[str, dict]] = lambda config: {}
 
 
 def _vipllava_image_side(config: VipLlavaConfig) -> ImageSide:
@@ -117,19 +122,20 @@ FAMILIES: dict[str, Family] = {
             model_type="vipllava", config_class=VipLlavaConfig,
             model_class=VipLlavaForConditionalGeneration, mapping=VIPLLAVA, data="conversations",
             tied_head=lambda c: c.text_config.tie_word_embeddings, text_config=lambda c: c.text_config,
-            image_side=_vipllava_image_side,
+            image_side=_vipllava_image_side, processor_files=vipllava_mapping.processor_files,
         ),
         Family(
             model_type="vision-encoder-decoder", config_class=VisionEncoderDecoderConfig,
             model_class=VisionEncoderDecoderModel, mapping=VED_MAPPING, data="captions",
             tied_head=lambda c: c.decoder.tie_word_embeddings, text_config=lambda c: c.decoder,
-            image_side=_ved_image_side,
+            image_side=_ved_image_side, processor_files=ved_mapping.processor_files,
         ),
         Family(  # the original ViP-LLaVA repository's layout: converts to VipLlava
             model_type=original.MODEL_TYPE, config_class=original.OriginalVipLlavaConfig,
             model_class=VipLlavaForConditionalGeneration, mapping=original.ORIGINAL, data="conversations",
             tied_head=lambda c: c.text_config.tie_word_embeddings, text_config=lambda c: c.text_config,
             image_side=_vipllava_image_side, side_files=original.write_side_files,
+            processor_files=vipllava_mapping.processor_files,
         ),
     )
 }

@@ -31,6 +31,7 @@ def test_tiny_model_overfits_and_exports_to_transformers(workspace, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 25
 
     orbax_to_hf(tmp_path / "run", tmp_path / "hf_out")
+    assert not {"metrics.jsonl", "run_config.json"} & {f.name for f in (tmp_path / "hf_out").iterdir()}
     ref, info = VipLlavaForConditionalGeneration.from_pretrained(tmp_path / "hf_out", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     trained = load_trained_model(tmp_path / "run")

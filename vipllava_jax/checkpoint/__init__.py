@@ -279,22 +279,27 @@ def save_model(model, path, *, overwrite=False) -> None:
 
 
 def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping, overwrite=False,
-                    max_shard_bytes=5 * 2**30, progress=False) -> Path:
+                    max_shard_bytes=5 * 2**30, progress=False, defaults: dict[str, dict] | None = None,
+                    skip: tuple[str, ...] = ()) -> Path:
     """`model`'s weights as safetensors (names from `mapping`) + config.json in the weights'
-    dtype, with the tokenizer and processor files of `side_files_from`, written atomically."""
+    dtype, with the tokenizer and processor files of `side_files_from` (but `skip`), and the
+    JSON files of `defaults` that the source lacks, written atomically."""
     dst = Path(dst)
     params = model_params(model)
     dtype = normalize_dtype(next(iter(params.values())).dtype)
     with atomic_output(dst, overwrite=overwrite) as tmp:
         write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=mapping)
         model.config.save_pretrained(tmp, dtype=dtype)
-        copy_side_files(Path(side_files_from), tmp)
+        copy_side_files(Path(side_files_from), tmp, skip=skip)
+        for name, content in (defaults or {}).items():
+            if not (tmp / name).exists():
+                (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
     return dst
 
 
-def copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
     """Tokenizer, processor and generation files travel with the weights."""
-    skip = {"config.json", MARKER}
+    skip = {"config.json", MARKER, *skip}
     for f in src.iterdir():
         if f.is_file() and f.name not in skip and not is_weight_file(f.name) and not f.name.startswith("."):
             shutil.copy2(f, dst / f.name)

@@ -57,3 +57,30 @@ def hf_key_for(path: str, ndim: int) -> tuple[str, Leaf]:
 
 
 VIPLLAVA = KeyMapping(hf_key_for, canonical_key, IGNORED_KEYS, ("language_model.lm_head.weight",))
+
+
+# CLIP's normalisation, as transformers' CLIPImageProcessor has it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def processor_files(config) -> dict[str, dict]:
+    """The processor files transformers' AutoProcessor reads for a VipLlava folder (a
+    LlavaProcessor over CLIPImageProcessor), for an export whose source had none: CLIP
+    preprocessing at the tower's image size, and one `<image>` token per patch (the CLS
+    feature is dropped: "default" strategy, one additional token)."""
+    size = config.vision_config.image_size
+    return {
+        "preprocessor_config.json": {
+            "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+            "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True,
+        },
+        "processor_config.json": {
+            "processor_class": "LlavaProcessor", "patch_size": config.vision_config.patch_size,
+            "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
+            "image_token": "<image>",
+        },
+    }
