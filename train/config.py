@@ -153,6 +153,9 @@ class RunConfig:
     batch_size: int = 8  # global: each of the jax.process_count() processes loads its share
     max_length: int = 1024
     template: str = "vipllava"
+    # VipLlava images: "pad" to a square of the mean colour first, as the original's stages 2-3
+    # train (`image_aspect_ratio pad`); "crop": transformers' resize + center crop
+    image_aspect_ratio: str = "pad"
     seed: int = 0
     steps: int = 1000
     save_every: int = 100
@@ -180,6 +183,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.image_aspect_ratio not in ("pad", "crop"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'crop', got {self.image_aspect_ratio!r}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.stop_after is not None and self.stop_after < 1:

@@ -101,7 +101,7 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
     say = tqdm.write if progress and primary else (lambda _: None)
     say(topology(mesh, cfg.batch_size))
-    loader = _data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
+    loader = data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
     model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
     del model
@@ -262,7 +262,7 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
-def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
+def data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
     """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
     options = LoaderOptions(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,
                             num_workers=cfg.num_workers, worker_type=cfg.worker_type)
@@ -277,8 +277,8 @@ def _data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
         return CaptionDataLoader(
             cfg.data, cfg.image_folder, AutoTokenizer.from_pretrained(cfg.model),
             image_preprocessor(cfg.model, model_config.encoder.image_size), options, eos_token_id=eos)
-    return TrainDataLoader(cfg.data, cfg.image_folder, VipLlavaProcessor.from_pretrained(cfg.model), options,
-                           template=cfg.template)
+    processor = VipLlavaProcessor.from_pretrained(cfg.model, pad_to_square=cfg.image_aspect_ratio == "pad")
+    return TrainDataLoader(cfg.data, cfg.image_folder, processor, options, template=cfg.template)
 
 
 def _tensorboard(out: Path):
