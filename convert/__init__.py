@@ -8,6 +8,13 @@ The readers and writers they use (safetensors, Orbax, the mapping-table machiner
 `vipllava_jax.checkpoint`; each family's table is its folder's `mapping.py`.
 """
 
-from vipllava_jax.convert.conversions import hf_to_orbax, orbax_to_hf
+import importlib
 
-__all__ = ["hf_to_orbax", "orbax_to_hf"]
+_NAMES = ("hf_to_orbax", "orbax_to_hf")
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):  # imported on first use (PEP 562): `vipllava-convert --help` stays fast
+    if name in _NAMES:
+        return getattr(importlib.import_module("vipllava_jax.convert.conversions"), name)
+    raise AttributeError(f"module 'vipllava_jax.convert' has no attribute {name!r}")

@@ -12,37 +12,31 @@
     cli.py          `vipllava-train`
 """
 
-from vipllava_jax.nn.losses import token_nll
-from vipllava_jax.registry import STAGES
-from vipllava_jax.train.config import REMAT_POLICIES, RunConfig, TrainConfig, TrainingError
-from vipllava_jax.train.export import export_trained_model, load_trained_model
-from vipllava_jax.train.loop import train
-from vipllava_jax.train.lora import LoRALinear, LoRAParam, add_lora, merge_lora
-from vipllava_jax.train.mesh import (
-    MESH_AXES,
-    batch_sharding,
-    data_parallel_size,
-    data_sharding,
-    mesh_from_spec,
-    parse_mesh_spec,
-    shard_batch,
-)
-from vipllava_jax.train.step import (
-    TrainState,
-    abstract_train_state,
-    init_train_state,
-    learning_rate_schedule,
-    loss_and_grads,
-    make_optimizer,
-    make_train_step,
-    merge_model,
-)
+import importlib
 
-__all__ = [
-    "LoRALinear", "LoRAParam", "MESH_AXES", "REMAT_POLICIES", "STAGES", "RunConfig", "TrainConfig",
-    "TrainState", "TrainingError", "abstract_train_state", "add_lora", "batch_sharding",
-    "data_parallel_size", "data_sharding", "export_trained_model", "init_train_state",
-    "learning_rate_schedule", "load_trained_model", "loss_and_grads", "make_optimizer",
-    "make_train_step", "merge_lora", "merge_model", "mesh_from_spec", "parse_mesh_spec",
-    "shard_batch", "token_nll", "train",
-]
+# The public names, by the module that defines them: imported on first use (PEP 562), so that
+# `vipllava-train --help` does not import jax.
+_EXPORTS = {
+    "vipllava_jax.nn.losses": ("token_nll",),
+    "vipllava_jax.registry": ("STAGES",),
+    "vipllava_jax.train.config": ("REMAT_POLICIES", "RunConfig", "TrainConfig", "TrainingError"),
+    "vipllava_jax.train.export": ("export_trained_model", "load_trained_model"),
+    "vipllava_jax.train.loop": ("train",),
+    "vipllava_jax.train.lora": ("LoRALinear", "LoRAParam", "add_lora", "merge_lora"),
+    "vipllava_jax.train.mesh": ("MESH_AXES", "batch_sharding", "data_parallel_size", "data_sharding",
+                                "mesh_from_spec", "parse_mesh_spec", "shard_batch"),
+    "vipllava_jax.train.step": ("TrainState", "abstract_train_state", "init_train_state", "learning_rate_schedule",
+                                "loss_and_grads", "make_optimizer", "make_train_step", "merge_model"),
+}
+_LAZY = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vipllava_jax.train' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -197,10 +197,9 @@ def test_box_on_an_exif_rotated_photo_is_in_upright_coordinates(tmp_path, capsys
     assert r > 200 and r - g > 60 and r - b > 60
 
 
-@pytest.mark.xfail(strict=True, reason="vipllava_jax/__init__.py imports the models (and jax) "
-                   "eagerly; the commands themselves import jax only after parsing")
 @pytest.mark.parametrize("module", ["vipllava_jax.commands.generate", "vipllava_jax.evaluation.cli",
-                                    "vipllava_jax.commands.demo"])
+                                    "vipllava_jax.commands.demo", "vipllava_jax.convert.cli",
+                                    "vipllava_jax.train.cli"])
 def test_help_does_not_import_jax(module):
     import subprocess
     import sys
