@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import make_inputs, torch_forward
-from vipllava_jax import CheckpointError, VipLlavaForConditionalGeneration
+from tests.helpers import make_inputs, make_word_tokenizer, torch_forward
+from vipllava_jax import CheckpointError, VipLlavaForConditionalGeneration, VipLlavaProcessor
 from vipllava_jax.hub import is_hub_id, resolve
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -26,6 +26,7 @@ def hub_cache(tmp_path, monkeypatch, tiny_hf):
     repo = cache / "models--org--tiny-vipllava"
     snap = repo / "snapshots" / REV
     shutil.copytree(folder, snap)
+    make_word_tokenizer(snap, ["what is in the box ?"])
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(REV)
     bin_rev = "f" * 40
@@ -76,3 +77,8 @@ def test_convert_command_takes_a_hub_id(hub_cache, tiny_hf, tmp_path, capsys):
     assert main(["hf-to-orbax", "org/missing", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the first run's progress bars
     assert err.startswith("vipllava-convert: error: 'org/missing' is neither a local folder nor a model"), err
+
+
+def test_processor_takes_a_hub_id(hub_cache):
+    processor = VipLlavaProcessor.from_pretrained("org/tiny-vipllava")
+    assert processor.num_image_tokens == 4 and processor.image_token_id == 100

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from vipllava_jax import hub
 from vipllava_jax.errors import ConfigError
 from vipllava_jax.processing.images import quiet_transformers
 
@@ -32,8 +33,10 @@ def _pil_class(name: str):
 
 
 def image_preprocessor(path: str | Path, image_size: int) -> Callable[[PIL.Image.Image], np.ndarray]:
-    """RGB PIL image -> `[3, H, W]` float32, as the checkpoint at `path` expects."""
-    file = Path(path) / "preprocessor_config.json"
+    """RGB PIL image -> `[3, H, W]` float32, as the checkpoint at `path` (a folder or a hub
+    id) expects."""
+    path = hub.resolve(path)
+    file = path / "preprocessor_config.json"
     if file.is_file():
         name = json.loads(file.read_text()).get("image_processor_type", "ViTImageProcessor")
         processor = _pil_class(name).from_pretrained(path)

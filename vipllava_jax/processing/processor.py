@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vipllava_jax import hub
 from vipllava_jax.errors import ConfigError, VipLlavaError
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.processing.images import (  # noqa: F401  (public here too)
@@ -132,6 +133,7 @@ class VipLlavaProcessor:
         num_image_tokens: int | None = None,
         image_token: str | None = None,
         pad_to_square: bool = False,
+        revision: str | None = None,
     ) -> VipLlavaProcessor:
         """Loads a folder holding a tokenizer and, optionally, processor files (as written by
         `LlavaProcessor.save_pretrained`, old or new layout) and a VipLlava `config.json`.
@@ -142,7 +144,7 @@ class VipLlavaProcessor:
         `vision_feature_select_strategy == "default"`).
 
         Args:
-            path: the folder.
+            path: the folder, or a hub id (at `revision`; `vipllava_jax.hub`).
             num_image_tokens: overrides the count found in the folder.
             image_token: overrides the placeholder string (default: the processor config's, or
                 "<image>").
@@ -152,7 +154,7 @@ class VipLlavaProcessor:
             ConfigError: nothing says how to preprocess images or how many tokens an image takes,
                 or the model config disagrees with the tokenizer on the image token id.
         """
-        path = Path(path)
+        path = hub.resolve(path, revision=revision)
         proc_cfg = _read_json(path / "processor_config.json") or {}
         image_cfg = proc_cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
         model_cfg = _read_json(path / "config.json") or {}
