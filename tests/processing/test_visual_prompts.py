@@ -108,7 +108,42 @@ def test_constant_outline_markers_hug_the_box():
     pt = changed(image, draw_visual_prompt(image, VisualPrompt(marker="point", box=BOX)))
     ys, xs = np.nonzero(pt)
     assert abs(xs.mean() - (x0 + x1) / 2) < 1 and abs(ys.mean() - (y0 + y1) / 2) < 1
-    assert abs((xs.max() - xs.min()) / 2 - int(10 * S)) <= 1
+    assert abs((xs.max() - xs.min()) / 2 - int(8 * S)) <= 1
+
+
+@pytest.mark.parametrize("side", [336, 672, 1000])
+def test_constant_point_is_the_originals_8s_disc_at_the_box_centre(side):
+    """The original's evaluation point: radius max(int(8 s), 1), aspect 1, at the box centre."""
+    image = np.full((side, side, 3), GREY, np.uint8)
+    box = (0.2 * side, 0.3 * side, 0.6 * side, 0.5 * side)
+    d = changed(image, draw_visual_prompt(image, VisualPrompt(marker="point", box=box)))
+    radius = int(8 * side / 336)
+    ys, xs = np.nonzero(d)
+    assert abs(d.sum() / (np.pi * radius**2) - 1) < 0.15
+    assert abs(xs.mean() + 0.5 - (box[0] + box[2]) / 2) < 1
+    assert abs(ys.mean() + 0.5 - (box[1] + box[3]) / 2) < 1
+
+
+def test_arrow_geometry_is_the_originals():
+    """Constant arrow, length 50 s and head 0.35 x length: the shaft reaches length - head from
+    the tip (not the full length), and the head's wings open +-60 degrees from the shaft."""
+    side = 672
+    s = side / 336
+    image = np.full((side, side, 3), GREY, np.uint8)
+    box = (300, 300, 340, 340)
+    d = changed(image, draw_visual_prompt(image, VisualPrompt(marker="arrow", box=box)))
+    ys, xs = np.nonzero(d)
+    tx, ty = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    length, head, lw = 50 * s, 0.35 * 50 * s, int(3 * s)
+    dist = np.hypot(xs + 0.5 - tx, ys + 0.5 - ty)
+    assert length - head - 2 <= dist.max() <= length - head + lw
+    # The shaft's direction: the mean direction of the far pixels.
+    far = dist > 0.8 * (length - head)
+    shaft = np.arctan2((ys[far] + 0.5 - ty).mean(), (xs[far] + 0.5 - tx).mean())
+    # Inside the filled head, close to the tip, pixels fill the +-60 degree wedge.
+    near = (dist > 0.25 * head) & (dist < 0.45 * head)
+    off = np.degrees(np.abs(np.angle(np.exp(1j * (np.arctan2(ys[near] + 0.5 - ty, xs[near] + 0.5 - tx) - shaft)))))
+    assert 54 <= off.max() <= 66
 
 
 def test_arrow_tip_at_region_and_tail_away():

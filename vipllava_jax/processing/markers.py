@@ -59,7 +59,7 @@ def render_layer(image_size: tuple[int, int], vp: VisualPrompt) -> PIL.Image.Ima
             radius = max(int(rng.integers(int(5 * s), int(20 * s) + 1)), 1)
             aspect = 1.0 if rng.random() < 0.5 else rng.uniform(0.5, 2.0)
         else:
-            radius, aspect = max(int(10 * s), 1), 1.0
+            radius, aspect = max(int(8 * s), 1), 1.0  # the original's evaluation radius
         cx, cy = region.point_centre(rng, rand)
         rx, ry = radius * aspect, radius / aspect
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], outline=fill, fill=fill)
@@ -241,7 +241,8 @@ def _draw_arrow(draw, region, fill, rng, rand, s, w, h) -> None:
         return tx + length * math.cos(a), ty + length * math.sin(a)
 
     angle = next((a for a in angles if 0 <= tail(a)[0] < w and 0 <= tail(a)[1] < h), angles[0])
-    shaft_end = tail(angle)
+    # the shaft stops where the head's length ends, as the original's (length - head)
+    shaft_end = tx + (length - head) * math.cos(angle), ty + (length - head) * math.sin(angle)
     if rand and rng.random() < 0.5:  # a wobble, as a hand would draw it
         mx = (tx + shaft_end[0]) / 2 + rng.uniform(-5, 5) * s
         my = (ty + shaft_end[1]) / 2 + rng.uniform(-5, 5) * s
@@ -249,7 +250,7 @@ def _draw_arrow(draw, region, fill, rng, rand, s, w, h) -> None:
     else:
         draw.line([(tx, ty), shaft_end], fill=fill, width=lw)
     wings = [(tx + head * math.cos(angle + d), ty + head * math.sin(angle + d))
-             for d in (math.pi / 6, -math.pi / 6)]
+             for d in (math.pi / 3, -math.pi / 3)]  # the original's +-60 degree wings
     if rand and rng.random() < 0.5:
         draw.line([wings[0], (tx, ty), wings[1]], fill=fill, width=lw, joint="curve")
     else:

@@ -16,11 +16,18 @@ Sizes scale with `s = max(image side) / 336` (the original's anchor). Two styles
 | rectangle    | width 2-8 s                                    | width 3 s (the original's)      |
 | ellipse      | width 2-8 s, 1-1.5 x the region's box          | width 3 s, sqrt(2) x the box (through its corners) |
 | triangle     | width 2-8 s, 3 random vertices in the region, no angle > 150 deg, rounded joints | width 3 s, apex top-centre, base on the bottom corners |
-| point        | filled ellipse radius 5-20 s, aspect 1 or 0.5-2, centre sampled near the region's centre | radius 10 s, aspect 1, at the centre |
+| point        | filled ellipse radius 5-20 s, aspect 1 or 0.5-2, centre sampled near the region's centre | radius 8 s, aspect 1, at the centre |
 | scribble     | width 2-12 s, cubic Bezier through 4 random region points | width 5 s, a fixed S-stroke |
 | mask_contour | width 1-2 s around the mask's outline          | width 1 s                       |
 | mask         | the mask filled                                | the mask filled                 |
-| arrow        | width 1-6 s, length up to 50 s, random angle, tip jittered +-25% around the centre, sometimes wobbly or with an open head | width 3 s, length 50 s, from the upper right (or the first diagonal that stays in the image), filled head at the centre |
+| arrow        | width 1-6 s, length 0.8 x the region's short side to 50 s, random angle, tip jittered +-25% around the centre, head max(0.2-0.5 x length, 6 s), sometimes wobbly or with an open head | width 3 s, length 50 s, head 0.35 x length, from the upper right (or the first diagonal that stays in the image), filled head at the centre |
+
+In both styles the arrow's head wings open +-60 degrees from the shaft and the shaft is the
+length minus the head, as the original's. The original's evaluation ('constant') style fixes
+only the alpha (128), the rectangle / ellipse / triangle width (3 s) and the point radius (8 s);
+the rest of the constant column (the ellipse through the box's corners, the fixed triangle,
+scribble and arrow, the point at the exact centre) is this project's own, so that an
+evaluation prompt draws the same pixels every time.
 
 In both styles, positions that must lie inside a mask (not a box) are sampled with
 `np.random.default_rng(seed)`, so a given prompt always draws the same pixels. The arrow's tip
