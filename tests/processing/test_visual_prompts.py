@@ -286,6 +286,69 @@ def test_several_markers_composite_in_order():
     np.testing.assert_allclose(out[125, 125], blend(COLORS["blue"], 128, (GREY,) * 3), atol=1)
 
 
+# An L shape as two COCO polygons (flat x, y lists), and the mask they cover.
+L_POLYGONS = [[140, 100, 200, 100, 200, 180, 140, 180], [200, 150, 240, 150, 240, 190, 200, 190]]
+
+
+def l_mask():
+    mask = np.zeros((H, W), bool)
+    mask[100:181, 140:201] = True
+    mask[150:191, 200:241] = True
+    return mask
+
+
+def test_coco_polygons_are_the_region():
+    image = grey_image()
+    mask = l_mask()
+    # Filled mask: the polygons' pixels (PIL fills edges inclusive); contour: their outline.
+    d = changed(image, draw_visual_prompt(image, VisualPrompt(marker="mask", polygons=L_POLYGONS)))
+    np.testing.assert_array_equal(d, mask)
+    d = changed(image, draw_visual_prompt(image, VisualPrompt(marker="mask_contour", polygons=L_POLYGONS)))
+    assert d[100, 140:200].all() and not d[120:170, 150:190].any() and not d[95:147, 205:240].any()
+    # Box markers: the polygons' bounding box.
+    bbox = (140, 100, 241, 191)
+    for marker in ("rectangle", "ellipse", "arrow"):
+        a = draw_visual_prompt(image, VisualPrompt(marker=marker, polygons=L_POLYGONS))
+        b = draw_visual_prompt(image, VisualPrompt(marker=marker, box=bbox))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Shape markers sample inside the polygons: the point's centre, the scribble's and the
+    # triangle's control points (their strokes stay within half a width of the region).
+    for seed in range(5):
+        for style in ("random", "constant"):
+            d = changed(image, draw_visual_prompt(image, VisualPrompt(
+                marker="point", polygons=L_POLYGONS, style=style, seed=seed)))
+            ys, xs = np.nonzero(d)
+            assert mask[int(round(ys.mean())), int(round(xs.mean()))]
+        for marker, reach in (("scribble", 12 * S / 2 + 2), ("triangle", 8 * S / 2 + 2)):
+            d = changed(image, draw_visual_prompt(image, VisualPrompt(
+                marker=marker, polygons=L_POLYGONS, style="random", seed=seed)))
+            assert within(d, bbox, reach)
+    # One flat polygon is one region too.
+    d = changed(image, draw_visual_prompt(image, VisualPrompt(marker="mask", polygons=L_POLYGONS[0])))
+    np.testing.assert_array_equal(d, mask & (np.arange(W) <= 200)[None] & (np.arange(H) <= 180)[:, None])
+
+
+@pytest.mark.parametrize("polygons, match", [
+    ([[10, 10, 50, 10, 50]], "flat"),
+    ([[10, 10, 50, 10]], "3 points"),
+    ([[10, 10, 50, 10, "a", 40]], "numbers"),
+    ([[10, 10, 50, 10, float("nan"), 40]], "finite"),
+    ([], "list of flat"),
+    ("10 10 50 10 30 40", "list of flat"),
+])
+def test_bad_polygons(polygons, match):
+    with pytest.raises(VisualPromptError, match=match) as e:
+        VisualPrompt(marker="mask", polygons=polygons)
+    assert "\n" not in str(e.value)
+
+
+def test_polygons_must_fit_the_image_and_not_come_with_a_mask():
+    with pytest.raises(VisualPromptError, match="reaches outside the 400x300 image"):
+        draw_visual_prompt(grey_image(), VisualPrompt(marker="mask", polygons=[[10, 10, 500, 10, 30, 40]]))
+    with pytest.raises(VisualPromptError, match="not both"):
+        VisualPrompt(marker="mask", polygons=L_POLYGONS, mask=l_mask())
+
+
 def test_marker_names_and_aliases():
     assert MARKERS == ("rectangle", "ellipse", "triangle", "point", "scribble", "mask_contour",
                        "mask", "arrow")

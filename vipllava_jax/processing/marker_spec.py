@@ -51,6 +51,10 @@ class VisualPrompt:
             it; other markers use a small box around it (when no box or mask is given).
         mask: a boolean [H, W] array of the image's size (non-zero counts as True). Box markers
             use its bounding box.
+        polygons: the region as COCO polygons: one flat `[x0, y0, x1, y1, ...]` list (3 points
+            or more) or a list of them (a region in several parts), in pixels. The mask,
+            contour, scribble, triangle and point markers follow their union, the others its
+            bounding box (or `box`, when given). Not together with `mask`.
         color: a name from `COLORS` or an `(r, g, b)` tuple of ints 0-255.
         style: "constant" (evaluation values) or "random" (training ranges); see `visual_prompts`.
         seed: seeds `np.random.default_rng` for everything random.
@@ -60,6 +64,7 @@ class VisualPrompt:
     box: Box | None = None
     point: tuple[float, float] | None = None
     mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    polygons: tuple[tuple[float, ...], ...] | None = None
     color: Color = "red"
     style: str = "constant"
     seed: int = 0
@@ -72,8 +77,13 @@ class VisualPrompt:
         if self.style not in STYLES:
             raise VisualPromptError(f"style must be 'constant' or 'random', got {self.style!r}")
         object.__setattr__(self, "color", _parse_color(self.color))
-        if self.box is None and self.point is None and self.mask is None:
-            raise VisualPromptError(f"the {marker} marker needs a region: pass box, point or mask")
+        if self.box is None and self.point is None and self.mask is None and self.polygons is None:
+            raise VisualPromptError(
+                f"the {marker} marker needs a region: pass box, point, mask or polygons")
+        if self.polygons is not None:
+            if self.mask is not None:
+                raise VisualPromptError("pass mask or polygons, not both")
+            object.__setattr__(self, "polygons", parse_polygons(self.polygons))
         if self.box is not None:
             box = _numbers(self.box, 4, "box")
             if not (box[0] < box[2] and box[1] < box[3]):
@@ -93,6 +103,28 @@ class VisualPrompt:
     def rgb(self) -> tuple[int, int, int]:
         """The marker colour as an `(r, g, b)` tuple."""
         return COLORS[self.color] if isinstance(self.color, str) else self.color
+
+
+def parse_polygons(polygons: Any) -> tuple[tuple[float, ...], ...]:
+    """COCO polygons (one flat `[x, y, x, y, ...]` list or a list of them) -> a tuple of
+    tuples of floats.
+
+    Raises:
+        VisualPromptError: not numbers, an odd count, fewer than 3 points or a non-finite value.
+    """
+    if isinstance(polygons, (list, tuple)) and polygons and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygons
+    ):
+        polygons = [polygons]
+    if not isinstance(polygons, (list, tuple)) or not polygons:
+        raise VisualPromptError(f"polygons must be a list of flat [x, y, x, y, ...] lists, got {polygons!r}")
+    out = []
+    for polygon in polygons:
+        if not isinstance(polygon, (list, tuple)) or len(polygon) % 2 or len(polygon) < 6:
+            raise VisualPromptError(
+                f"a polygon must be a flat [x, y, x, y, ...] list of 3 points or more, got {polygon!r}")
+        out.append(_numbers(polygon, len(polygon), "a polygon"))
+    return tuple(out)
 
 
 def _parse_color(color: Any) -> Color:

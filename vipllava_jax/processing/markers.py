@@ -81,6 +81,26 @@ def render_layer(image_size: tuple[int, int], vp: VisualPrompt) -> PIL.Image.Ima
     return layer
 
 
+def polygon_mask(polygons, w: int, h: int) -> np.ndarray:
+    """[H, W] bool: the union of COCO polygons (flat `[x, y, ...]` tuples) filled by PIL.
+
+    Raises:
+        VisualPromptError: a vertex lies outside the image (1 px of slack) or no pixel is
+            covered.
+    """
+    canvas = PIL.Image.new("1", (w, h), 0)
+    draw = PIL.ImageDraw.Draw(canvas)
+    for polygon in polygons:
+        xs, ys = polygon[0::2], polygon[1::2]
+        if min(xs) < -1 or min(ys) < -1 or max(xs) > w + 1 or max(ys) > h + 1:
+            raise VisualPromptError(f"a polygon reaches outside the {w}x{h} image: {list(polygon)}")
+        draw.polygon(list(zip(xs, ys)), fill=1, outline=1)
+    mask = np.array(canvas, bool)
+    if not mask.any():
+        raise VisualPromptError(f"the polygons cover no pixel of the {w}x{h} image")
+    return mask
+
+
 @dataclasses.dataclass
 class _Region:
     """A prompt's region resolved against one image: a box, a mask and, maybe, a point."""
@@ -108,16 +128,17 @@ class _Region:
             px, py = vp.point
             if not (0 <= px < w and 0 <= py < h):
                 raise VisualPromptError(f"point {vp.point} is not inside the {w}x{h} image")
+        mask = vp.mask if vp.polygons is None else polygon_mask(vp.polygons, w, h)
         if vp.box is not None:
             box = vp.box
-        elif vp.mask is not None:
-            ys, xs = np.nonzero(vp.mask)
+        elif mask is not None:
+            ys, xs = np.nonzero(mask)
             box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
         else:  # a point alone: a small box around it for the box markers
             half = max(16 * max(w, h) / ANCHOR, 2)
             px, py = vp.point
             box = (max(px - half, 0.0), max(py - half, 0.0), min(px + half, w), min(py + half, h))
-        return cls(box, vp.mask is not None, vp.point, vp.mask, (w, h))
+        return cls(box, mask is not None, vp.point, mask, (w, h))
 
     @property
     def mask(self) -> np.ndarray:

@@ -29,6 +29,11 @@ the rest of the constant column (the ellipse through the box's corners, the fixe
 scribble and arrow, the point at the exact centre) is this project's own, so that an
 evaluation prompt draws the same pixels every time.
 
+A region may be COCO polygons too (`VisualPrompt(polygons=[[x, y, x, y, ...], ...])`, several
+for a region in parts): the mask, contour, scribble, triangle and point markers follow their
+union, the rectangle, ellipse and arrow their bounding box (or `box`, when given). The original
+samples the point, triangle and scribble in one of the polygons, chosen at random.
+
 In both styles, positions that must lie inside a mask (not a box) are sampled with
 `np.random.default_rng(seed)`, so a given prompt always draws the same pixels. The arrow's tip
 is on the region (it points at it), and its tail is placed inside the image when some angle
