@@ -171,3 +171,29 @@ def test_one_program_per_flag_set(pair, inputs):
     assert modeling._jitted_outputs._cache_size() - start <= 2
     out = model(**inputs, output_attentions=True)
     assert out.hidden_states is None and len(out.attentions) == 2
+
+
+# -- the attention overlay -------------------------------------------------------------------------
+
+def test_answer_attention_over_the_patch_grid_matches_transformers(pair):
+    from vipllava_jax.analysis import answer_attention, model_view, overlay
+
+    hf, model = pair
+    inputs = make_inputs(hf.config, batch=1, seq=10, left_pad=(0,))
+    prompt, pixels = inputs["input_ids"], inputs["pixel_values"]
+    answer = model.generate(prompt, pixels, max_new_tokens=4, eos_token_id=[])[:, prompt.shape[1]:]
+    grid = answer_attention(model, prompt, pixels, answer, layers=[1], heads=[0, 2])
+    side = hf.config.vision_config.image_size // hf.config.vision_config.patch_size
+    assert grid.shape == (side, side)
+    ids = np.concatenate([prompt, answer], axis=1)
+    ref = torch_outputs(hf, {"input_ids": ids, "pixel_values": pixels}, output_attentions=True)
+    cols = np.flatnonzero(ids[0] == IMAGE_TOKEN)
+    queries = np.arange(prompt.shape[1] - 1, ids.shape[1] - 1)
+    want = ref.attentions[1][0, [0, 2]].numpy()[:, queries][..., cols].mean(axis=(0, 1))
+    close(grid.reshape(-1), want, "answer attention on the patches")
+    view = model_view(pixels[0])
+    assert view.shape == (28, 28, 3) and view.dtype == np.uint8
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    ax = overlay(view, grid, title="answer")
+    assert len(ax.images) == 2
