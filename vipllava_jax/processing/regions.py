@@ -1,0 +1,300 @@
+"""ViP-LLaVA-Instruct region records -> a marked image and a plain LLaVA conversation.
+
+The original's training data (`llava/visual_prompt_organizer.py`) keeps regions as boxes and
+polygons and draws them while loading: each region gets a marker shape and a colour sampled per
+record, the markers are blended onto the image, and the `<bbox>` / `<bboxN>` placeholders in
+the text become the drawn marker's phrase ("within the red rectangle"). A record::
+
+    {"id": "refcocog-gpt4v-12", "image": "coco/1.jpg",
+     "bboxes": [[x0, y0, x1, y1], ...],                    # original-image pixels
+     "segmentations": [[[x, y, x, y, ...], ...] or null, ...],   # optional COCO polygons per box
+     "conversations": [{"from": "human", "value": "What is the object <bbox>?"}, ...]}
+
+The dataset is the id's prefix before the first '-'; it picks the shapes and the style:
+
+| dataset        | shapes                                  | style    | text                          |
+|----------------|-----------------------------------------|----------|-------------------------------|
+| refcocog       | all eight                               | random   | conversations                 |
+| vcr            | all but point                           | random   | conversations                 |
+| vg_rel         | rectangle, ellipse                      | random   | conversations, or `answer`: the relationship triplet question |
+| flickr30k      | rectangle, ellipse, arrow               | random   | conversations                 |
+| v7w            | rectangle                               | constant | `question`, 4 `bboxes`, `answer` box: multiple choice, letter answer |
+| pointQA_twice  | rectangle (red)                         | constant | `general_question` (or `question`) and `answer`, first box |
+| anything else  | all eight (refcocog's rule)             | random   | conversations                 |
+
+Colours: per region a named colour (`COLORS`) or, with probability 0.5, a random RGB, whose
+phrase has no colour word ("within the rectangle"). Regions of one record that share a shape
+get distinct named colours, as the original's v7w/VCR/vg_rel sampling does, so every phrase
+names one region. vg_rel, v7w and pointQA_twice regions carry no polygons (the original drops
+them). Everything random comes from one `np.random.Generator`, so the same seed draws the same
+markers and phrases.
+
+Other differences from the original: "the" always precedes the colour (the original's vg_rel
+leaves it out half the time); constant-style markers blend at alpha 128 (the original's
+training draws v7w / pointQA_twice at a random alpha 96-255); VCR records need their meta
+files (boxes and polygons), which this module does not read: give VCR regions as `bboxes` and
+`segmentations` in the record instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+
+from vipllava_jax.errors import VipLlavaError
+from vipllava_jax.processing.marker_spec import (
+    COLORS,
+    MARKERS,
+    VisualPrompt,
+    VisualPromptError,
+    parse_polygons,
+)
+from vipllava_jax.processing.visual_prompts import draw_visual_prompts
+
+# The original's `words_shape`: the words before and after "the {colour}".
+SHAPE_WORDS: dict[str, tuple[str, str]] = {
+    "rectangle": ("within", "rectangle"),
+    "ellipse": ("within", "ellipse"),
+    "triangle": ("with", "triangle"),
+    "point": ("at", "point"),
+    "scribble": ("with", "scribble"),
+    "mask_contour": ("with", "mask contour"),
+    "mask": ("with", "mask"),
+    "arrow": ("pointed to by", "arrow"),
+}
+PLACEHOLDER = re.compile(r"<bbox(\d*)>")
+MULTIPLE_CHOICE_TAIL = "Answer with the option's letter from the given choices directly."
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRule:
+    """How one dataset's regions are drawn: the shapes sampled from and the marker style."""
+
+    shapes: tuple[str, ...]
+    style: str = "random"
+    keep_polygons: bool = True
+
+
+DATASETS: dict[str, DatasetRule] = {
+    "refcocog": DatasetRule(MARKERS),
+    "vcr": DatasetRule(tuple(m for m in MARKERS if m != "point")),
+    "vg_rel": DatasetRule(("rectangle", "ellipse"), keep_polygons=False),
+    "flickr30k": DatasetRule(("rectangle", "ellipse", "arrow"), keep_polygons=False),
+    "v7w": DatasetRule(("rectangle",), "constant", keep_polygons=False),
+    "pointQA_twice": DatasetRule(("rectangle",), "constant", keep_polygons=False),
+}
+DEFAULT_DATASET = "refcocog"
+
+
+class RegionError(VipLlavaError):
+    """A region record that cannot be drawn: a box outside the image, a malformed polygon, a
+    placeholder without its region, or the fields a dataset's question needs missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+    """One drawn region: where, how, and the phrase that names it."""
+
+    box: tuple[float, float, float, float]
+    polygons: tuple[tuple[float, ...], ...] | None
+    marker: str
+    color: str | tuple[int, int, int]
+    color_name: str | None
+
+    @property
+    def phrase(self) -> str:
+        """E.g. "within the red rectangle"; "within the rectangle" for a random RGB colour."""
+        before, after = SHAPE_WORDS[self.marker]
+        colour = f" {self.color_name}" if self.color_name else ""
+        return f"{before} the{colour} {after}"
+
+
+def has_regions(record: dict[str, Any]) -> bool:
+    """Whether the record is a region record (it has `bboxes`), or its text has placeholders."""
+    if record.get("bboxes") is not None:
+        return True
+    conversations = record.get("conversations")
+    return isinstance(conversations, list) and any(
+        isinstance(m, dict) and isinstance(m.get("value"), str) and PLACEHOLDER.search(m["value"])
+        for m in conversations
+    )
+
+
+def dataset_of(record: dict[str, Any]) -> str:
+    """The record's dataset: its id's prefix when it is a known one, else `DEFAULT_DATASET`."""
+    prefix = str(record.get("id", "")).split("-")[0]
+    return prefix if prefix in DATASETS else DEFAULT_DATASET
+
+
+def mark_record(
+    record: dict[str, Any], image: PIL.Image.Image, rng: np.random.Generator
+) -> tuple[PIL.Image.Image, list[dict[str, str]]]:
+    """Draws a region record's markers and fills its text.
+
+    Args:
+        record: a ViP-LLaVA-Instruct record (see the module docstring).
+        image: its image, as read (boxes are in its pixels).
+        rng: all the sampling (shapes, colours, marker geometry).
+
+    Returns:
+        `(marked RGB image, conversations)` with every placeholder replaced.
+
+    Raises:
+        RegionError: a box or polygon is malformed or outside the image, a placeholder names a
+            region the record does not have, or v7w / pointQA fields are missing.
+    """
+    dataset = dataset_of(record)
+    rule = DATASETS[dataset]
+    w, h = image.size
+    boxes = _boxes(record.get("bboxes"), w, h)
+    polygons = _polygons(record.get("segmentations"), len(boxes)) if rule.keep_polygons else [None] * len(boxes)
+
+    if dataset == "v7w" and not record.get("conversations"):
+        regions = _sample(boxes, polygons, rule, rng)
+        conversations = _v7w(record, boxes, regions)
+    elif dataset == "pointQA_twice" and not record.get("conversations"):
+        if not boxes:
+            raise RegionError("a pointQA_twice record needs one box")
+        regions = [Region(boxes[0], None, "rectangle", "red", "red")]
+        conversations = _point_qa(record)
+    else:
+        regions = _sample(boxes, polygons, rule, rng)
+        if dataset == "vg_rel" and not record.get("conversations"):
+            conversations = _vg_rel(record, regions)
+        else:
+            conversations = _fill(record.get("conversations"), regions)
+    prompts = []
+    for r in regions:
+        try:
+            prompts.append(VisualPrompt(marker=r.marker, box=r.box, polygons=r.polygons, color=r.color,
+                                        style=rule.style, seed=int(rng.integers(2**31))))
+        except VisualPromptError as e:
+            raise RegionError(str(e)) from None
+    try:
+        return draw_visual_prompts(image, prompts), conversations
+    except VisualPromptError as e:
+        raise RegionError(str(e)) from None
+
+
+def _boxes(raw: Any, w: int, h: int) -> list[tuple[float, float, float, float]]:
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise RegionError(f"'bboxes' must be a list of [x0, y0, x1, y1] boxes, got {raw!r}")
+    boxes = []
+    for box in raw:
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise RegionError(f"a box must be 4 numbers [x0, y0, x1, y1], got {box!r}")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (x0 < x1 and y0 < y1):
+            raise RegionError(f"box {list(box)} is empty: it needs x0 < x1 and y0 < y1")
+        if x0 < -1 or y0 < -1 or x1 > w + 1 or y1 > h + 1:
+            raise RegionError(f"box {list(box)} is outside the {w}x{h} image")
+        # up to one pixel over the edge is rounding: clip it
+        boxes.append((max(x0, 0.0), max(y0, 0.0), min(x1, float(w)), min(y1, float(h))))
+    return boxes
+
+
+def _polygons(raw: Any, n: int) -> list[tuple[tuple[float, ...], ...] | None]:
+    if raw is None:
+        return [None] * n
+    if not isinstance(raw, list) or len(raw) != n:
+        raise RegionError(f"'segmentations' must list one entry (polygons or null) per box ({n}), got {raw!r}")
+    try:
+        return [None if p is None else parse_polygons(p) for p in raw]
+    except VisualPromptError as e:
+        raise RegionError(str(e)) from None
+
+
+def _sample(boxes, polygons, rule: DatasetRule, rng: np.random.Generator) -> list[Region]:
+    """A shape per region from the rule, then a colour: named or (half the time) random RGB,
+    distinct named colours for regions that share a shape."""
+    shapes = [rule.shapes[int(rng.integers(len(rule.shapes)))] for _ in boxes]
+    names = list(COLORS)
+    used: dict[str, set[str]] = {}
+    regions = []
+    for box, polygon, shape in zip(boxes, polygons, shapes):
+        taken = used.setdefault(shape, set())
+        if shapes.count(shape) > 1:
+            free = [c for c in names if c not in taken]
+            name = free[int(rng.integers(len(free)))] if free else None
+        else:
+            name = names[int(rng.integers(len(names)))] if rng.random() < 0.5 else None
+        if name is None:
+            color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        else:
+            color = name
+            taken.add(name)
+        regions.append(Region(box, polygon, shape, color, name))
+    return regions
+
+
+def _fill(conversations: Any, regions: Sequence[Region]) -> Any:
+    """`<bbox>` -> region 0's phrase, `<bboxN>` -> region N's, in every message."""
+    if not isinstance(conversations, list):
+        return conversations  # the conversation encoder says what is wrong with it
+
+    def phrase(match: re.Match) -> str:
+        n = int(match.group(1) or 0)
+        if n >= len(regions):
+            raise RegionError(f"{match.group(0)} names region {n}, the record has {len(regions)} box(es)")
+        return regions[n].phrase
+
+    out = []
+    for m in conversations:
+        if isinstance(m, dict) and isinstance(m.get("value"), str):
+            m = {**m, "value": PLACEHOLDER.sub(phrase, m["value"])}
+        out.append(m)
+    return out
+
+
+def _v7w(record, boxes, regions) -> list[dict[str, str]]:
+    """The original's v7w question: the options name the drawn boxes, the answer is a letter."""
+    question, answer = record.get("question"), record.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, list):
+        raise RegionError("a v7w record needs 'question' (text) and 'answer' (one of its boxes)")
+    if not 2 <= len(boxes) <= 26:
+        raise RegionError(f"a v7w record needs 2 to 26 boxes, got {len(boxes)}")
+    try:
+        label = [list(map(float, b)) for b in record["bboxes"]].index([float(v) for v in answer])
+    except (ValueError, TypeError):
+        raise RegionError(f"the v7w answer {answer} is not one of the record's boxes") from None
+    options = "\n".join(f"{chr(65 + i)}. The object {r.phrase}" for i, r in enumerate(regions))
+    return [
+        {"from": "human", "value": f"<image>\n{question}\n{options}\n{MULTIPLE_CHOICE_TAIL}"},
+        {"from": "gpt", "value": chr(65 + label)},
+    ]
+
+
+def _point_qa(record) -> list[dict[str, str]]:
+    """The original's pointQA_twice question about the object in the (red) rectangle."""
+    question = record.get("general_question", record.get("question"))
+    answer = record.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str):
+        raise RegionError("a pointQA_twice record needs 'general_question' (or 'question') and 'answer' text")
+    return [
+        {"from": "human", "value": f"<image>\n{question} The exemplary object is within the rectangle."
+                                   "\nAnswer the question using a single word or phrase."},
+        {"from": "gpt", "value": answer},
+    ]
+
+
+def _vg_rel(record, regions) -> list[dict[str, str]]:
+    """The original's vg_rel question without conversations: the subject / object triplet."""
+    answer = record.get("answer")
+    if not isinstance(answer, str) or len(regions) < 2:
+        raise RegionError("a vg_rel record without conversations needs 2 boxes and an 'answer'")
+    question = (
+        f"Please describe the relationship between the subject {regions[0].phrase} and the object "
+        f"{regions[1].phrase}. Provide a short triplet (subject, relationship, object) to represent "
+        "this. Here, the subject and object are noun phrases, and the relationship can be verbs or "
+        "prepositions."
+    )
+    return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
