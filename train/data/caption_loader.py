@@ -62,7 +62,9 @@ class CaptionDataLoader(RecordLoader):
         self._tokenizer.no_padding()
         self.preprocess, self.eos_token_id = preprocess, eos_token_id
 
-    def load_record(self, record: dict[str, Any]) -> tuple[CaptionExample, np.ndarray]:
+    def load_record(
+        self, record: dict[str, Any], position: tuple[int, int] = (0, 0)
+    ) -> tuple[CaptionExample, np.ndarray]:
         caption = record.get("caption", record.get("text"))
         if not isinstance(caption, str) or not caption.strip():
             raise SkipRecord("malformed", "the record has no non-empty 'caption' string")

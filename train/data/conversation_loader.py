@@ -11,6 +11,7 @@ import numpy as np
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.nn.losses import IGNORE_INDEX
 from vipllava_jax.processing.processor import VipLlavaProcessor
+from vipllava_jax.processing.regions import RegionError, has_regions, mark_record
 from vipllava_jax.train.data.conversations import ConversationEncoder, Example, fit_length
 from vipllava_jax.train.data.loader import LoaderOptions, RecordLoader
 from vipllava_jax.train.data.records import SkipRecord
@@ -29,6 +30,13 @@ class TrainDataLoader(RecordLoader):
     - `pixel_values` [B, 3, H, W] float32: the record's one image, preprocessed by the
       processor's image processor (build it with `pad_to_square=True` for ViP-LLaVA's
       expand2square).
+
+    Region records (ViP-LLaVA-Instruct's: `bboxes`, optional COCO `segmentations`, `<bbox>` /
+    `<bboxN>` placeholders, or v7w / pointQA_twice questions; see `processing.regions`) have
+    their markers drawn on the image as it is read, and their placeholders replaced by the
+    drawn markers' phrases. The shapes and colours come from the seed, the epoch and the
+    record's index, so a resumed run draws the same markers; a box outside the image, a
+    malformed polygon or a placeholder without its region skips the record (`bad_region`).
 
     Records without an image are skipped (text-only training is not supported). A row longer
     than `max_length` is truncated (`stats["truncated"]`) unless the cut would fall inside or
@@ -70,18 +78,37 @@ class TrainDataLoader(RecordLoader):
         self.processor = processor
         self.encoder = ConversationEncoder(processor, template)
 
-    def load_record(self, record: dict[str, Any]) -> tuple[Example, np.ndarray]:
+    def load_record(
+        self, record: dict[str, Any], position: tuple[int, int] = (0, 0)
+    ) -> tuple[Example, np.ndarray]:
         """A parsed record: the `Example` fitted to max_length and its preprocessed image
-        [3, H, W] float32. Runs in the workers.
+        [3, H, W] float32; `position` (epoch, record index) seeds a region record's markers.
+        Runs in the workers.
 
         Raises:
             SkipRecord: the record cannot be used.
         """
         if not record.get("image"):
             raise SkipRecord("no_image", "the record has no image (text-only is not supported)")
-        example = self.encoder(record.get("conversations"))
-        example = fit_length(example, self.options.max_length, self.processor.num_image_tokens)
-        return example, self._image(record, self.processor.image_processor.preprocess)
+        preprocess = self.processor.image_processor.preprocess
+        if not has_regions(record):
+            example = self._fit(record.get("conversations"))
+            return example, self._image(record, preprocess)
+        drawn = {}
+
+        def mark(image):
+            try:
+                drawn["image"], drawn["conversations"] = mark_record(record, image, self.record_rng(position))
+            except RegionError as e:
+                raise SkipRecord("bad_region", str(e)) from None
+            return drawn["image"]
+
+        pixels = self._image(record, preprocess, mark)
+        return self._fit(drawn["conversations"]), pixels
+
+    def _fit(self, conversations: Any) -> Example:
+        example = self.encoder(conversations)
+        return fit_length(example, self.options.max_length, self.processor.num_image_tokens)
 
     def _collate(self, rows: list[tuple[Example, np.ndarray]]) -> dict[str, np.ndarray]:
         return collate_examples(rows, self.options.max_length, self.processor.pad_token_id)

@@ -141,9 +141,12 @@ class RecordLoader:
         self.stats = self._zero_stats()
         self._epoch, self._index = 0, 0
 
-    def load_record(self, record: dict[str, Any]) -> tuple[Any, np.ndarray]:
+    def load_record(
+        self, record: dict[str, Any], position: tuple[int, int] = (0, 0)
+    ) -> tuple[Any, np.ndarray]:
         """A parsed record as (row with a `truncated` attribute, preprocessed image); raises
-        `SkipRecord`. Runs in the workers."""
+        `SkipRecord`. `position` is (epoch, record index in the file): with the seed, what
+        random drawing a record gets (`record_rng`). Runs in the workers."""
         raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
@@ -153,8 +156,14 @@ class RecordLoader:
     def _collate(self, rows: list[tuple[Any, np.ndarray]]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
-    def _image(self, record: dict[str, Any], preprocess) -> np.ndarray:
-        """The record's one image, read from the image folder and preprocessed."""
+    def record_rng(self, position: tuple[int, int]) -> np.random.Generator:
+        """The random generator of the record at `position` = (epoch, record index): seeded by
+        (seed, epoch, index), so a resumed run or another host draws the same."""
+        return np.random.default_rng([self.options.seed, *position])
+
+    def _image(self, record: dict[str, Any], preprocess, mark=None) -> np.ndarray:
+        """The record's one image, read from the image folder, passed through `mark` (PIL image
+        -> PIL image, e.g. drawing markers) and preprocessed."""
         image = record.get("image")
         if isinstance(image, list) and len(image) == 1:
             image = image[0]
@@ -164,9 +173,10 @@ class RecordLoader:
             raise SkipRecord("malformed", f"'image' must be one file name, got {image!r}")
         path = self.image_folder / image
         try:
-            return preprocess(load_image(path))
+            loaded = load_image(path)
         except Exception as e:  # noqa: BLE001 - missing, truncated or undecodable files
             raise SkipRecord("bad_image", f"cannot read image {path}: {e}") from None
+        return preprocess(mark(loaded) if mark is not None else loaded)
 
     @staticmethod
     def _zero_stats() -> dict[str, int]:
@@ -215,20 +225,20 @@ class RecordLoader:
         self.stats = {**self._zero_stats(), **state.get("stats", {})}
 
     def _positions(self) -> Iterator[tuple[int, int, int]]:
-        """This host's records from the current position on, each as (record index, epoch,
-        index) where (epoch, index) is the position after it."""
+        """This host's records from the current position on, each as (record index, its epoch,
+        epoch, index) where the last (epoch, index) is the position after it."""
         epoch, index, num_epochs = self._epoch, self._index, self.options.num_epochs
         while num_epochs is None or epoch < num_epochs:
             order = self.order(epoch)
             for i in range(index, len(order)):
                 after = (epoch, i + 1) if i + 1 < len(order) else (epoch + 1, 0)
-                yield int(order[i]), *after
+                yield int(order[i]), epoch, *after
             epoch, index = epoch + 1, 0
 
     # -- loading
 
-    def _load(self, i: int):
-        return self.load_record(self.annotations.record(i))
+    def _load(self, i: int, epoch: int):
+        return self.load_record(self.annotations.record(i), (epoch, i))
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         pool, submit = start_workers(
@@ -239,8 +249,8 @@ class RecordLoader:
         pending: collections.deque = collections.deque()
 
         def submit_next() -> None:
-            for i, epoch, index in positions:
-                pending.append((i, epoch, index, submit(i)))
+            for i, record_epoch, epoch, index in positions:
+                pending.append((i, epoch, index, submit(i, record_epoch)))
                 return
 
         try:

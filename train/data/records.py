@@ -11,8 +11,12 @@ from vipllava_jax.errors import VipLlavaError
 
 # Why a record was skipped; loaders count each as `skipped_<reason>`. The STRICT_REASONS are
 # data errors that `strict=True` turns into exceptions.
-SKIP_REASONS = ("bad_json", "malformed", "bad_image", "no_image", "image_truncated", "no_targets")
-STRICT_REASONS = frozenset(("bad_json", "malformed", "bad_image"))
+# "bad_region": a region record's box outside the image, a malformed polygon, or a `<bbox>`
+# placeholder without its region.
+SKIP_REASONS = (
+    "bad_json", "malformed", "bad_image", "bad_region", "no_image", "image_truncated", "no_targets",
+)
+STRICT_REASONS = frozenset(("bad_json", "malformed", "bad_image", "bad_region"))
 
 
 class SkipRecord(Exception):

@@ -48,8 +48,8 @@ def _start_worker(loader_bytes: bytes) -> None:
     _worker_loader = pickle.loads(loader_bytes)
 
 
-def _load_in_worker(line: bytes):
-    return _worker_loader.load_record(parse_record(line))
+def _load_in_worker(line: bytes, position: tuple[int, int]):
+    return _worker_loader.load_record(parse_record(line), position)
 
 
 def start_workers(
@@ -57,7 +57,7 @@ def start_workers(
     worker_type: str,
     *,
     loader: Any,
-    load: Callable[[int], Any],
+    load: Callable[[int, int], Any],
     line: Callable[[int], bytes],
 ) -> tuple[Any, Callable[[int], concurrent.futures.Future]]:
     """Starts the pool.
@@ -65,12 +65,13 @@ def start_workers(
     Args:
         num_workers: 0 loads inline.
         worker_type: one of `WORKER_TYPES`.
-        loader: what a worker process gets a pickled copy of; it must have `load_record(record)`.
-        load: record index -> the loaded row and image (threads and inline).
+        loader: what a worker process gets a pickled copy of; it must have
+            `load_record(record, (epoch, index))`.
+        load: (record index, epoch) -> the loaded row and image (threads and inline).
         line: record index -> its JSON bytes (sent to a worker process).
 
     Returns:
-        `(executor, submit)`: `submit(i)` is the Future of record `i`'s row and image; call
+        `(executor, submit)`: `submit(i, epoch)` is the Future of record `i`'s row and image; call
         `executor.shutdown` when done.
 
     Raises:
@@ -89,5 +90,5 @@ def start_workers(
         pool = concurrent.futures.ProcessPoolExecutor(
             num_workers, mp_context=multiprocessing.get_context("spawn"),
             initializer=_start_worker, initargs=(state,))
-        return pool, lambda i: pool.submit(_load_in_worker, line(i))
-    return pool, lambda i: pool.submit(load, i)
+        return pool, lambda i, epoch: pool.submit(_load_in_worker, line(i), (epoch, i))
+    return pool, lambda i, epoch: pool.submit(load, i, epoch)
