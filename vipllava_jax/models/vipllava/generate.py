@@ -132,8 +132,8 @@ def plain_dots_supported() -> bool:
     return True
 
 
-def _decode_call(graphdef, params_state, state: DecodeState, sampling, stop_at) -> DecodeState:
-    """`_decode`, with the compiled program chosen for the platform and batch (see above)."""
+def decode_call(graphdef, params_state, state: DecodeState, sampling, stop_at) -> DecodeState:
+    """The decode loop (`_decode`), compiled for the platform and batch (see above)."""
     rows = state.done.shape[0]
     if jax.default_backend() == "cpu" and rows >= PLAIN_DOTS_FROM and plain_dots_supported():
         return decode_plain_dots(graphdef, params_state, state, sampling, stop_at)
@@ -146,7 +146,7 @@ def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask
     in, no input checks or bucketing; `generate` does those)."""
     state = _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
                      rng, sampling)
-    return _decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
+    return decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
 
 
 # -- stop strings (transformers' `stop_strings=`, checked on the host) -------------------------
@@ -322,7 +322,7 @@ def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens, chunk: 
     emitted = 0
     while emitted < max_new_tokens:
         stop = np.int32(min(emitted + chunk, max_new_tokens))
-        state = _decode_call(graphdef, params, state, sampling, stop)
+        state = decode_call(graphdef, params, state, sampling, stop)
         step = int(state.step)
         if step == emitted:  # every row is done
             return

@@ -183,5 +183,5 @@ def generate_from_prefix(model, prefix: Cache, input_ids, attention_mask=None, *
     graphdef, params = nnx.split(model)
     state = _prefill_after(graphdef, params, prefix, jnp.asarray(ids), jnp.asarray(mask),
                            max_new_tokens, jax.random.key(seed), sampling)
-    state = gen._decode_call(graphdef, params, state, sampling, np.int32(max_new_tokens))
+    state = gen.decode_call(graphdef, params, state, sampling, np.int32(max_new_tokens))
     return np.asarray(state.tokens)
