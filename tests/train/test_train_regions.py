@@ -4,6 +4,7 @@ resume, bad regions skipped and counted (or errors with strict)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -143,3 +144,36 @@ def test_bad_regions_are_errors_with_strict(processor, tmp_path, bad):
     with pytest.raises(VipLlavaError, match=r"data.jsonl line 1: ") as e:
         list(loader(processor, path, strict=True))
     assert "\n" not in str(e.value)
+
+
+def test_region_records_train_and_resume_through_vipllava_train(workspace, tmp_path):
+    """The original's format end to end: a run over region records gives finite losses with no
+    record skipped, and a resumed run gives the uninterrupted run's losses (the same markers)."""
+    from tests.helpers.train import run_config
+    from vipllava_jax.train import train
+
+    boxes = [[2, 2, 12, 12], [14, 2, 26, 12], [2, 14, 12, 26], [14, 14, 26, 26]]
+    records = []
+    for i in range(8):
+        if i % 2:
+            records.append({"id": f"v7w-{i}", "image": f"{i}.png", "question": "What is inside the red rectangle ?",
+                            "bboxes": boxes, "answer": boxes[i % 4]})
+        else:
+            records.append({"id": f"refcocog-gpt4v-{i}", "image": f"{i}.png", "bboxes": [boxes[i % 4]],
+                            "segmentations": [None],
+                            "conversations": [{"from": "human", "value": "What does <bbox> point at ?"},
+                                              {"from": "gpt", "value": "a cat on a chair"}]})
+    root = tmp_path / "root"  # the workspace's model and images, these records
+    root.mkdir()
+    for name in ("model", "images"):
+        (root / name).symlink_to(workspace / name)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    def config(out, **kw):
+        return dataclasses.replace(run_config(root, out, steps=4, save_every=2, **kw), max_length=128)
+
+    full = train(config(tmp_path / "a"), progress=False)
+    assert all(np.isfinite(m["loss"]) for m in full)
+    assert full[-1]["data_examples"] == 32 and full[-1]["data_skipped_bad_region"] == 0
+    train(config(tmp_path / "b", stop_after=3), progress=False)
+    rest = train(config(tmp_path / "b"), progress=False)
+    assert [m["loss"] for m in rest] == [m["loss"] for m in full[2:]]
