@@ -24,9 +24,9 @@ VIPLLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant "
     "gives helpful, detailed, and polite answers to the human's questions."
 )
-LLAVA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. The assistant "
-    "gives helpful, detailed, and polite answers to the user's questions."
+LLAVA_V1_SYSTEM = (  # the original's conv_llava_v1 (its vicuna_v1 says "user" / "user's")
+    "A chat between a curious human and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the human's questions."
 )
 QUESTIONS = [
     "What is inside the red rectangle?",
@@ -404,8 +404,8 @@ def test_vipllava_prompt_multi_turn():
 
 def test_llava_v1_prompt():
     assert build_prompt([("p1", "a1"), ("p2", None)], template="llava_v1") == (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant "
-        "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\np1 "
+        "A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human's questions. USER: <image>\np1 "
         "ASSISTANT: a1</s>USER: p2 ASSISTANT:"
     )
     single = build_prompt("p1", template="llava_v1")

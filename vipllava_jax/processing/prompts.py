@@ -35,9 +35,9 @@ TEMPLATES: dict[str, ChatTemplate] = {
         roles=("Human", "Assistant"),
         seps=("###", "###"),
     ),
-    "llava_v1": ChatTemplate(
-        system="A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+    "llava_v1": ChatTemplate(  # the original's conv_llava_v1 (vicuna_v1 says "user"/"user's")
+        system="A chat between a curious human and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the human's questions.",
         roles=("USER", "ASSISTANT"),
         seps=(" ", "</s>"),
     ),
