@@ -186,3 +186,29 @@ def test_v7w_answer_must_be_one_of_its_boxes():
     record = {**record_for("v7w"), "answer": [1, 2, 3, 4]}
     with pytest.raises(RegionError, match="not one of the record's boxes"):
         mark_record(record, grey(), np.random.default_rng(0))
+
+
+def test_flickr30k_grounding_records_describe_the_image():
+    record = {"id": "flickr30k-12", "image": "x.png",
+              "bbox": [[[10, 10, 60, 60], [300, 10, 380, 60]], [[100, 120, 250, 280]]],
+              "grounding": "a man <bbox0> holds a dog <bbox1> , near a tree"}
+    modes = set()
+    for seed in range(16):
+        image, conv = mark_record(record, grey(), np.random.default_rng(seed))
+        question, answer = conv[0]["value"], conv[1]["value"]
+        assert question.startswith("<image>\nPlease describe the image") or question.startswith(
+            "<image>\nDescribe the provided image")
+        assert "<bbox" not in answer and answer.endswith("near a tree.") and answer.startswith("A man")
+        phrases = parse(answer)
+        if phrases:  # the markers named: entity 0's phrase after "man", entity 1's after "dog"
+            modes.add("named")
+            assert answer.startswith(f"A man {phrases[0][0]} the") and len(phrases) == 2
+            assert all(p[2] in {"rectangle", "ellipse", "arrow"} for p in phrases)
+        else:
+            modes.add("plain")
+            assert answer == "A man holds a dog, near a tree."
+        d = changed(image)
+        # both boxes of entity 0 carry a marker, and entity 1's box
+        for x0, y0, x1, y1 in ([10, 10, 60, 60], [300, 10, 380, 60], [100, 120, 250, 280]):
+            assert d[y0:y1, x0:x1].any() or d[max(y0 - 60, 0):y1 + 60, max(x0 - 60, 0):x1 + 60].any()
+    assert modes == {"named", "plain"}

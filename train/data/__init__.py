@@ -8,6 +8,19 @@ Input: a JSON list or a JSONL file of records, e.g. ViP-LLaVA's training sets::
 
 or image-caption pairs (`{"image": "0001.png", "caption": "..."}`) for a captioner.
 
+Region records, as ViP-LLaVA-Instruct has them (and the format for your own regions), mark the
+image while it is read::
+
+    {"id": "refcocog-gpt4v-7", "image": "coco/0001.jpg",
+     "bboxes": [[x0, y0, x1, y1]],                       # pixels of the image as stored
+     "segmentations": [[[x, y, x, y, ...]]],             # optional COCO polygons (or null) per box
+     "conversations": [{"from": "human", "value": "What is the object <bbox>?"}, ...]}
+
+The id's prefix (refcocog, vcr, vg_rel, flickr30k, v7w, pointQA_twice; anything else draws as
+refcocog) picks the marker shapes and style; `<bbox>` / `<bboxN>` become the drawn marker's
+phrase ("within the red rectangle"). v7w, pointQA_twice, vg_rel and flickr30k records without
+conversations get the original's questions. The rules: `vipllava_jax.processing.regions`.
+
     records.py             annotation files, record parsing, `SkipRecord` and its reasons
     conversations.py       LLaVA conversations -> input_ids and labels (`ConversationEncoder`)
     workers.py             the pool that loads records ahead of the consumer (threads/processes)

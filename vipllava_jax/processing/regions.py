@@ -17,7 +17,7 @@ The dataset is the id's prefix before the first '-'; it picks the shapes and the
 | refcocog       | all eight                               | random   | conversations                 |
 | vcr            | all but point                           | random   | conversations                 |
 | vg_rel         | rectangle, ellipse                      | random   | conversations, or `answer`: the relationship triplet question |
-| flickr30k      | rectangle, ellipse, arrow               | random   | conversations                 |
+| flickr30k      | rectangle, ellipse, arrow               | random   | conversations, or `bbox` (boxes per entity) + `grounding` caption: the describe-the-image question |
 | v7w            | rectangle                               | constant | `question`, 4 `bboxes`, `answer` box: multiple choice, letter answer |
 | pointQA_twice  | rectangle (red)                         | constant | `general_question` (or `question`) and `answer`, first box |
 | anything else  | all eight (refcocog's rule)             | random   | conversations                 |
@@ -116,8 +116,9 @@ class Region:
 
 
 def has_regions(record: dict[str, Any]) -> bool:
-    """Whether the record is a region record (it has `bboxes`), or its text has placeholders."""
-    if record.get("bboxes") is not None:
+    """Whether the record is a region record (it has `bboxes`, or flickr30k's `bbox` and
+    `grounding`), or its text has placeholders."""
+    if record.get("bboxes") is not None or (record.get("grounding") is not None and record.get("bbox") is not None):
         return True
     conversations = record.get("conversations")
     return isinstance(conversations, list) and any(
@@ -152,6 +153,9 @@ def mark_record(
     dataset = dataset_of(record)
     rule = DATASETS[dataset]
     w, h = image.size
+    if dataset == "flickr30k" and not record.get("conversations") and "grounding" in record:
+        regions, conversations = _flickr30k(record, rule, rng, w, h)
+        return _draw(image, regions, rule, rng), conversations
     boxes = _boxes(record.get("bboxes"), w, h)
     polygons = _polygons(record.get("segmentations"), len(boxes)) if rule.keep_polygons else [None] * len(boxes)
 
@@ -169,6 +173,10 @@ def mark_record(
             conversations = _vg_rel(record, regions)
         else:
             conversations = _fill(record.get("conversations"), regions)
+    return _draw(image, regions, rule, rng), conversations
+
+
+def _draw(image, regions: Sequence[Region], rule: DatasetRule, rng: np.random.Generator) -> PIL.Image.Image:
     prompts = []
     for r in regions:
         try:
@@ -177,7 +185,7 @@ def mark_record(
         except VisualPromptError as e:
             raise RegionError(str(e)) from None
     try:
-        return draw_visual_prompts(image, prompts), conversations
+        return draw_visual_prompts(image, prompts)
     except VisualPromptError as e:
         raise RegionError(str(e)) from None
 
@@ -298,3 +306,62 @@ def _vg_rel(record, regions) -> list[dict[str, str]]:
         "prepositions."
     )
     return [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+# The original's flickr30k questions (`questions` in visual_prompt_organizer.py): "semantic"
+# answers name the objects only, "semantic_visual_prompt" answers name the markers too.
+FLICKR_QUESTIONS = {
+    "semantic": (
+        "Please describe the image with the object referred to by the visual prompts; please do "
+        "not mention the actual visual prompt.",
+        "Describe the provided image using the semantic object referred to by the visual prompts. "
+        "Please produce a sentence in natural language, and do not mention the actual visual prompts.",
+    ),
+    "semantic_visual_prompt": (
+        "Please describe the image with the object referred to by the visual prompts; make sure to "
+        "mention both the actual visual prompt and the semantic category.",
+        "Please describe the image with the object referred to by the visual prompts; make sure to "
+        "mention both the actual visual prompt, such as a red box, and the semantic category, such "
+        "as a dog.",
+    ),
+}
+FLICKR_HINTS = (" Hint: the visual prompts are:", " The visual prompts are:")
+
+
+def _flickr30k(record, rule, rng, w, h) -> tuple[list[Region], list[dict[str, str]]]:
+    """The original's flickr30k question: describe the image; the `grounding` caption, its
+    ` <bboxN>` entities named by their markers (or dropped), is the answer. Every box of an
+    entity gets the entity's marker."""
+    entities, caption = record.get("bbox"), record.get("grounding")
+    if not isinstance(entities, list) or not entities or not isinstance(caption, str):
+        raise RegionError("a flickr30k record needs 'bbox' (a list of boxes per entity) and a 'grounding' caption")
+    boxes = [_boxes(e if isinstance(e, list) and e and isinstance(e[0], list) else [e], w, h) for e in entities]
+    heads = _sample([b[0] for b in boxes], [None] * len(boxes), rule, rng)
+    mode = ("semantic", "semantic_visual_prompt")[int(rng.integers(2))]
+    question = FLICKR_QUESTIONS[mode][int(rng.integers(2))]
+    if rng.random() < 0.5:
+        question += FLICKR_HINTS[int(rng.integers(2))]
+        for i, r in enumerate(heads):
+            question += (f" {r.color_name}" if r.color_name else "") + f" {SHAPE_WORDS[r.marker][1]}"
+            question += "," if i < len(heads) - 1 else ""
+            question += " and" if i == len(heads) - 2 else ""
+        question += "."
+
+    def entity(match: re.Match) -> str:
+        n = int(match.group(1))
+        if n >= len(heads):
+            raise RegionError(f"<bbox{n}> names entity {n}, the record has {len(heads)}")
+        return "" if mode == "semantic" else f" {heads[n].phrase}"
+
+    answer = _sentence(re.sub(r" ?<bbox(\d+)>", entity, caption))
+    regions = [dataclasses.replace(r, box=box) for r, group in zip(heads, boxes) for box in group]
+    return regions, [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]
+
+
+def _sentence(text: str) -> str:
+    """The original's caption clean-up: capitalized, ", " after commas, a final period."""
+    text = re.sub(r"\s*,\s*", ", ", text.strip())
+    if not text:
+        raise RegionError("the flickr30k caption is empty")
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?" else text + "."
