@@ -23,7 +23,9 @@ def convert(*args) -> int:
     return main([str(a) for a in args])
 
 
-@pytest.mark.parametrize("name", ["vit_gpt2", "vit_bert_proj"])  # tied GPT-2; untied BERT + projection
+# tied GPT-2; untied BERT + projection; untied TrOCR reading the encoder's width; tied RoBERTa;
+# untied pre-norm mBART
+@pytest.mark.parametrize("name", ["vit_gpt2", "vit_bert_proj", "deit_trocr", "vit_roberta", "deit_mbart"])
 def test_round_trip_loads_in_transformers(hf_veds, tmp_path, name):
     from transformers import VisionEncoderDecoderModel as HF
 

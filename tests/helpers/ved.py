@@ -17,10 +17,17 @@ SHAPES = {
     "deit_gpt2_proj": ("deit", "gpt2", 48, False),  # enc_to_dec_proj: 32 -> 48, untied head
     "vit_bert_proj": ("vit", "bert", 48, False),
     "vit_bert_one_type": ("vit", "bert", 32, True, 1),  # a one-row token-type table
+    # TrOCR's decoder: cross-attention on the encoder's width (no projection), scaled embeddings
+    "deit_trocr": ("deit", "trocr", 48, False, 2, {"cross_attention_hidden_size": 32, "scale_embedding": True}),
+    "vit_trocr_sinusoidal": ("vit", "trocr", 32, True, 2,
+                             {"use_learned_position_embeddings": False, "layernorm_embedding": False}),
+    "vit_bart_proj": ("vit", "bart", 48, True, 2, {}),  # post-norm, enc_to_dec_proj
+    "deit_mbart": ("deit", "mbart", 32, False, 2, {"scale_embedding": True}),  # pre-norm, final layer_norm
+    "vit_roberta": ("vit", "roberta", 32, True, 1, {}),  # positions from the pad id
 }
 
 
-def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_vocab_size=2):
+def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_vocab_size=2, extra=None):
     from transformers import BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     enc_cls = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
@@ -30,6 +37,8 @@ def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_voc
                   bos_token_id=START, eos_token_id=2, pad_token_id=PAD)
     if decoder == "gpt2":
         dec = GPT2Config(n_embd=dec_hidden, n_layer=2, n_head=4, n_positions=64, **common)
+    elif decoder in DECODER_CONFIGS:
+        dec = seq2seq_decoder_config(decoder, dec_hidden, common, **(extra or {}))
     else:
         dec = BertConfig(hidden_size=dec_hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64,
@@ -65,3 +74,20 @@ def caption_labels(batch=2, seq=7, seed=0) -> np.ndarray:
 def torch_out(model, **inputs):
     with torch.no_grad():
         return model(**{k: torch.tensor(v) for k, v in inputs.items()})
+
+
+# decoder type -> (transformers config class name, how its sizes are spelled)
+DECODER_CONFIGS = {"trocr": "TrOCRConfig", "bart": "BartConfig", "mbart": "MBartConfig", "roberta": "RobertaConfig"}
+
+
+def seq2seq_decoder_config(decoder, hidden, common, **extra):
+    """A TrOCR / BART / mBART / RoBERTa decoder config of the tiny sizes (RoBERTa with BERT's
+    field names; its pad id is the VED pad, so positions start at 1)."""
+    import transformers
+
+    cls = getattr(transformers, DECODER_CONFIGS[decoder])
+    if decoder == "roberta":
+        return cls(hidden_size=hidden, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=64, type_vocab_size=1, **common, **extra)
+    return cls(d_model=hidden, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+               max_position_embeddings=64, **common, **extra)

@@ -136,3 +136,29 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
     for eqn in conds:
         assert not cache_shapes & {v.aval.shape for v in eqn.invars}, "the cache is an operand of a cond"
     assert any(e.primitive.name == "dot_general" for e in body)
+
+
+@pytest.mark.parametrize("name", ["deit_trocr", "vit_trocr_sinusoidal", "vit_bart_proj", "deit_mbart", "vit_roberta"])
+def test_other_decoders_greedy_and_beams(hf_veds, name):
+    """TrOCR (learned and sinusoidal positions), BART, mBART and RoBERTa decoders. BART's and
+    mBART's configs set forced_eos_token_id (2): captions that reach the length limit end in it."""
+    hf, path = hf_veds(name)
+    ours = VisionEncoderDecoderModel.from_pretrained(path)
+    px = images(batch=3, seed=1)
+    eos = frequent_token(hf, px)
+    check(hf, ours, px, eos_token_id=eos)
+    check(hf, ours, px, num_beams=3, eos_token_id=eos, no_repeat_ngram_size=2, length_penalty=0.5,
+          early_stopping=True)
+    if "bart" in name:
+        ref = check(hf, ours, px, eos_token_id=VOCAB + 5)  # no EOS: every caption runs to the limit
+        assert (ref[:, -1] == 2).all()
+
+
+def test_forced_bos_and_eos(hf_veds):
+    """forced_bos_token_id fixes the first generated token, forced_eos_token_id the last one."""
+    hf, path = hf_veds("deit_trocr")
+    ours = VisionEncoderDecoderModel.from_pretrained(path)
+    px = images(batch=2, seed=2)
+    for kw in (dict(), dict(num_beams=3)):
+        ref = check(hf, ours, px, eos_token_id=VOCAB + 5, forced_bos_token_id=7, forced_eos_token_id=[5, 9], **kw)
+        assert (ref[:, 1] == 7).all() and np.isin(ref[:, -1], [5, 9]).all()

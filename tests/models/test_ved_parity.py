@@ -73,3 +73,33 @@ def test_bad_inputs_fail_with_one_line_errors(hf_veds):
         model(images())
     with pytest.raises(VipLlavaError, match="exceed"):
         model(images(), labels=np.ones((2, 65), np.int64))
+
+
+@pytest.mark.parametrize("name", ["vit_roberta", "vit_trocr_sinusoidal"])
+def test_positions_counted_from_the_pad_id(hf_veds, name):
+    """RoBERTa's and TrOCR's sinusoidal positions skip pad tokens: pad ids inside the decoder
+    input move the later tokens' positions, as in transformers."""
+    hf, path = hf_veds(name)
+    px = images()
+    ids = np.random.default_rng(4).integers(3, VOCAB, (2, 6))
+    ids[0, 2] = ids[1, 4:] = PAD
+    ref = torch_out(hf, pixel_values=px, decoder_input_ids=ids).logits.numpy()
+    ours = np.asarray(VisionEncoderDecoderModel.from_pretrained(path)(px, ids).logits)
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_unsupported_decoders_fail_with_one_line_errors():
+    from vipllava_jax.errors import ConfigError
+    from vipllava_jax.models.ved import VisionEncoderDecoderConfig
+
+    base = {"model_type": "vision-encoder-decoder", "encoder": {"model_type": "vit", "hidden_size": 32}}
+    cases = [
+        ({"model_type": "distilbert", "is_decoder": True}, "transformers has no causal-LM DistilBERT"),
+        ({"model_type": "trocr", "d_model": 48, "cross_attention_hidden_size": 16}, "differs from the encoder's"),
+        ({"model_type": "bart", "d_model": 48, "cross_attention_hidden_size": 32}, "unsupported cross_attention"),
+        ({"model_type": "t5"}, "unsupported decoder model_type 't5'"),
+    ]
+    for decoder, message in cases:
+        with pytest.raises(ConfigError, match=message) as e:
+            VisionEncoderDecoderConfig.from_hf_dict({**base, "decoder": decoder})
+        assert "\n" not in str(e.value)

@@ -1,4 +1,4 @@
-"""VisionEncoderDecoder (ViT/DeiT encoder + GPT-2 / BERT decoder) in Flax NNX.
+"""VisionEncoderDecoder (ViT/DeiT encoder + GPT-2 / BERT / RoBERTa / TrOCR / BART / mBART decoder) in Flax NNX.
 
     from vipllava_jax.models.ved import VisionEncoderDecoderModel
     model = VisionEncoderDecoderModel.from_pretrained("converted/")   # or an HF folder
@@ -6,8 +6,8 @@
     captions = model.generate(pixel_values, num_beams=4, max_new_tokens=20)
 
 Files, in data-flow order: config.py (config.json), encoder.py (ViT/DeiT), attention.py (self-
-and cross-attention with a static cache), gpt2.py / bert.py (decoders), modeling.py (the model,
-loss), generate.py (greedy, sampling, beam search), mapping.py (HF name table).
+and cross-attention with a static cache), gpt2.py / bert.py / roberta.py / bart.py (decoders; bart.py
+also holds TrOCR's and mBART's), modeling.py (the model, loss), generate.py (greedy, sampling, beam search), mapping.py (HF name table).
 """
 
 from vipllava_jax.models.ved.config import DecoderConfig, VisionEncoderDecoderConfig, ViTConfig

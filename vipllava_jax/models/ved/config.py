@@ -1,8 +1,9 @@
 """Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
 
 A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
-decoder's own configs. Supported here: encoder `vit` or `deit`, decoder `gpt2` or `bert` (the
-latter two with `is_decoder` and `add_cross_attention`, as VED sets them). The sub-configs may
+decoder's own configs. Supported here: encoder `vit` or `deit`; decoder `gpt2`, `bert`,
+`roberta`, `trocr`, `bart` or `mbart` (with `is_decoder` and `add_cross_attention`, as VED
+sets them). The sub-configs may
 list only the fields that differ from the class defaults, so the defaults below are those of
 transformers' config classes. The HF dict itself is kept (`hf_dict`) and written back
 unchanged, apart from `dtype`, so a converted model reloads in transformers as it was.
@@ -37,6 +38,16 @@ _BERT_DEFAULTS = dict(
     layer_norm_eps=1e-12, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
     pad_token_id=0,
 )
+_ROBERTA_DEFAULTS = {**_BERT_DEFAULTS, "vocab_size": 50265, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+# TrOCR's and BART/mBART's decoders (TrOCRConfig / BartConfig / MBartConfig defaults).
+_SEQ2SEQ_DEFAULTS = dict(
+    vocab_size=50265, d_model=1024, decoder_layers=12, decoder_attention_heads=16, decoder_ffn_dim=4096,
+    activation_function="gelu", max_position_embeddings=1024, scale_embedding=False, tie_word_embeddings=True,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1, forced_bos_token_id=None, forced_eos_token_id=None,
+)
+_TROCR_DEFAULTS = {**_SEQ2SEQ_DEFAULTS, "max_position_embeddings": 512, "use_learned_position_embeddings": True,
+                   "layernorm_embedding": True, "cross_attention_hidden_size": None}
+DECODER_TYPES = ("gpt2", "bert", "roberta", "trocr", "bart", "mbart")
 
 
 def _check_numbers(values: dict[str, Any], where: str, counts=(), optional_counts=(), positive=()) -> None:
@@ -120,10 +131,14 @@ class ViTConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """A GPT-2 or BERT decoder with cross-attention, under one set of field names.
+    """A decoder with cross-attention, under one set of field names.
 
     `intermediate_size` is GPT-2's `n_inner` (4 x hidden when null); `scale_attn_weights` and
-    `scale_attn_by_inverse_layer_idx` are GPT-2 only, `type_vocab_size` is BERT only.
+    `scale_attn_by_inverse_layer_idx` are GPT-2 only, `type_vocab_size` BERT's and RoBERTa's.
+    TrOCR / BART / mBART (`d_model`, `decoder_*` fields): `scale_embedding` (embeddings times
+    sqrt(d)), `layernorm_embedding`, `learned_positions` (TrOCR may use sinusoidal ones),
+    `pre_norm` and a final `layer_norm` (mBART), `cross_attention_hidden_size` (TrOCR's
+    cross-attention reads the encoder's width directly), forced BOS/EOS for generate.
     """
 
     model_type: str = "gpt2"
@@ -142,16 +157,38 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    scale_embedding: bool = False
+    layernorm_embedding: bool = False
+    learned_positions: bool = True
+    pre_norm: bool = False
+    cross_attention_hidden_size: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def max_tokens(self) -> int:
+        """The longest decoder input the position table covers: RoBERTa's positions (and TrOCR's
+        sinusoidal ones) start after the pad id."""
+        if self.model_type == "roberta":
+            return self.max_position_embeddings - self.pad_token_id - 1
+        return self.max_position_embeddings
+
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> DecoderConfig:
         model_type = d.get("model_type")
-        if model_type not in ("gpt2", "bert"):
-            raise ConfigError(f"unsupported decoder model_type {model_type!r} (supported: 'gpt2', 'bert')")
+        if model_type == "distilbert":
+            raise ConfigError("unsupported decoder model_type 'distilbert': transformers has no causal-LM "
+                              "DistilBERT with cross-attention to be a VisionEncoderDecoder decoder")
+        if model_type not in DECODER_TYPES:
+            raise ConfigError(f"unsupported decoder model_type {model_type!r} "
+                              f"(supported: {', '.join(repr(t) for t in DECODER_TYPES)})")
+        if model_type in ("trocr", "bart", "mbart"):
+            # their causal-LM classes set is_decoder themselves and always build cross-attention
+            return cls._from_seq2seq(d, model_type)
         if not (d.get("is_decoder") and d.get("add_cross_attention")):
             raise ConfigError(
                 f"the {model_type} decoder must have is_decoder and add_cross_attention set "
@@ -172,17 +209,44 @@ class DecoderConfig:
                 scale_attn_by_inverse_layer_idx=v["scale_attn_by_inverse_layer_idx"],
                 bos_token_id=v["bos_token_id"], eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
             )
-        v = {**_BERT_DEFAULTS, **d}
+        v = {**(_ROBERTA_DEFAULTS if model_type == "roberta" else _BERT_DEFAULTS), **d}
+        if model_type == "roberta" and v["pad_token_id"] is None:
+            raise ConfigError("a roberta decoder needs pad_token_id (its positions count from it)")
         _check_numbers(v, "decoder.", counts=(
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size"), positive=("layer_norm_eps",))
         return cls(
-            model_type="bert", vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
+            model_type=model_type, vocab_size=v["vocab_size"], hidden_size=v["hidden_size"],
             num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
             intermediate_size=v["intermediate_size"], hidden_act=v["hidden_act"],
             max_position_embeddings=v["max_position_embeddings"], layer_norm_eps=v["layer_norm_eps"],
             tie_word_embeddings=v["tie_word_embeddings"], type_vocab_size=v["type_vocab_size"],
             bos_token_id=v["bos_token_id"], eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
+        )
+
+    @classmethod
+    def _from_seq2seq(cls, d: dict[str, Any], model_type: str) -> DecoderConfig:
+        """TrOCR's, BART's and mBART's decoders (fairseq layout: learned positions offset by 2)."""
+        v = {**(_TROCR_DEFAULTS if model_type == "trocr" else _SEQ2SEQ_DEFAULTS), **d}
+        _check_numbers(v, "decoder.", counts=("vocab_size", "d_model", "decoder_layers", "decoder_attention_heads",
+                                              "decoder_ffn_dim", "max_position_embeddings"),
+                       optional_counts=("cross_attention_hidden_size",))
+        trocr = model_type == "trocr"
+        learned = bool(v["use_learned_position_embeddings"]) if trocr else True
+        if not learned and v["pad_token_id"] is None:
+            raise ConfigError("a trocr decoder with sinusoidal positions needs pad_token_id")
+        return cls(
+            model_type=model_type, vocab_size=v["vocab_size"], hidden_size=v["d_model"],
+            num_hidden_layers=v["decoder_layers"], num_attention_heads=v["decoder_attention_heads"],
+            intermediate_size=v["decoder_ffn_dim"], hidden_act=v["activation_function"],
+            max_position_embeddings=v["max_position_embeddings"], layer_norm_eps=1e-5,  # nn.LayerNorm's default
+            tie_word_embeddings=v["tie_word_embeddings"], bos_token_id=v["bos_token_id"],
+            eos_token_id=v["eos_token_id"], pad_token_id=v["pad_token_id"],
+            scale_embedding=bool(v["scale_embedding"]),
+            layernorm_embedding=bool(v["layernorm_embedding"]) if trocr else True,
+            learned_positions=learned, pre_norm=model_type == "mbart",
+            cross_attention_hidden_size=v["cross_attention_hidden_size"] if trocr else None,
+            forced_bos_token_id=v["forced_bos_token_id"], forced_eos_token_id=v["forced_eos_token_id"],
         )
 
 
@@ -193,13 +257,18 @@ class VisionEncoderDecoderConfig:
     decoder_start_token_id: int | None = None
     pad_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | list[int] | None = None
     dtype: str = "float32"
     hf_dict: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @property
     def needs_projection(self) -> bool:
-        """transformers adds `enc_to_dec_proj` when the two hidden sizes differ."""
-        return self.encoder.hidden_size != self.decoder.hidden_size
+        """transformers adds `enc_to_dec_proj` when the two hidden sizes differ, unless the
+        decoder's cross-attention reads the encoder's width itself (TrOCR's
+        `cross_attention_hidden_size`)."""
+        return (self.encoder.hidden_size != self.decoder.hidden_size
+                and self.decoder.cross_attention_hidden_size is None)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VisionEncoderDecoderConfig:
@@ -211,12 +280,16 @@ class VisionEncoderDecoderConfig:
         encoder = ViTConfig.from_hf_dict(_check_object(d["encoder"], "config.json's encoder"))
         decoder = DecoderConfig.from_hf_dict(_check_object(d["decoder"], "config.json's decoder"))
         cross = d["decoder"].get("cross_attention_hidden_size")
-        if cross is not None and encoder.hidden_size != decoder.hidden_size:
-            # GPT-2 and BERT build their cross-attention for the decoder's own width.
+        if cross is not None and encoder.hidden_size != decoder.hidden_size and decoder.model_type != "trocr":
+            # only TrOCR builds its cross-attention for another width than the decoder's own
             raise ConfigError(f"unsupported cross_attention_hidden_size {cross} with a {decoder.model_type} decoder")
+        if decoder.cross_attention_hidden_size not in (None, encoder.hidden_size):
+            raise ConfigError(f"the decoder's cross_attention_hidden_size {decoder.cross_attention_hidden_size} "
+                              f"differs from the encoder's hidden_size {encoder.hidden_size}")
         return cls(
             encoder=encoder, decoder=decoder, decoder_start_token_id=d.get("decoder_start_token_id"),
             pad_token_id=d.get("pad_token_id"), eos_token_id=d.get("eos_token_id"),
+            forced_bos_token_id=d.get("forced_bos_token_id"), forced_eos_token_id=d.get("forced_eos_token_id"),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"), hf_dict=d,
         )
 

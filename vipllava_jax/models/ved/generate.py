@@ -87,6 +87,25 @@ def ban_repeated_ngrams(scores: jax.Array, seqs: jax.Array, cur_len, n: int) -> 
     return jnp.where(banned, -jnp.inf, scores)
 
 
+@struct.dataclass
+class Forced:
+    """transformers' ForcedBOS/ForcedEOS logits processors: the first generated token is `bos`
+    and the one at the length limit is one of `eos` (-1: none), as arrays (no recompiles)."""
+
+    bos: jax.Array  # i32 []
+    eos: jax.Array  # i32 [E], padded with -1
+
+
+def force_tokens(scores: jax.Array, cur_len, length: int, forced: Forced) -> jax.Array:
+    """At `cur_len` 1 every score but BOS's is -inf, at `length - 1` every score but the EOS ids'
+    (the allowed ones become 0, as transformers sets them)."""
+    vocab = jnp.arange(scores.shape[-1])
+    bos_only = jnp.where(vocab == forced.bos, 0.0, -jnp.inf).astype(scores.dtype)
+    eos_only = jnp.where(jnp.any(vocab[:, None] == forced.eos[None], axis=-1), 0.0, -jnp.inf).astype(scores.dtype)
+    scores = jnp.where((cur_len == 1) & (forced.bos >= 0), bos_only[None], scores)
+    return jnp.where((cur_len == length - 1) & jnp.any(forced.eos >= 0), eos_only[None], scores)
+
+
 def _is_eos(tokens: jax.Array, eos_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == eos_ids, axis=-1)
 
@@ -109,7 +128,7 @@ def _step_forward(model, cross_kv, tokens: jax.Array, cache: KVCache, slot):
 
 
 def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sampling: SamplingParams,
-                     rng) -> GreedyState:
+                     rng, forced: Forced | None = None) -> GreedyState:
     b = pixel_values.shape[0]
     length = 1 + max_new
     cross_kv, logits, cache = _start(model, pixel_values, b, length, start_id)
@@ -119,6 +138,8 @@ def greedy_or_sample(model, pixel_values, max_new: int, ngram: int, start_id, sa
         """The next token from `s.logits`, written after the `1 + s.step` tokens so far."""
         cur_len = 1 + s.step
         scores = ban_repeated_ngrams(s.logits, s.tokens, cur_len, ngram)
+        if forced is not None:
+            scores = force_tokens(scores, cur_len, length, forced)
         token, done = pick(scores, rng, s.step, sampling, s.done)
         tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, cur_len))
         return s.replace(step=s.step + 1, tokens=tokens, done=done)
@@ -142,7 +163,7 @@ def _gather(x: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, ngram: int, start_id,
-                fill_id, eos_ids, params: BeamParams) -> BeamState:
+                fill_id, eos_ids, params: BeamParams, forced: Forced | None = None) -> BeamState:
     b, k = pixel_values.shape[0], num_beams
     length = 1 + max_new
     keep = max(2, 1 + n_eos) * k  # candidates per step: enough that K of them did not finish
@@ -163,6 +184,8 @@ def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, n
         vocab = s.logits.shape[-1]
         log_probs = jax.nn.log_softmax(s.logits, axis=-1)  # [B*K, V]
         log_probs = ban_repeated_ngrams(log_probs, s.running.reshape(b * k, length), cur_len, ngram)
+        if forced is not None:
+            log_probs = force_tokens(log_probs, cur_len, length, forced)
         log_probs = log_probs.reshape(b, k, vocab) + s.running_scores[:, :, None]
         # 1. the top `keep` continuations over all beams
         top_lp, top_idx = jax.lax.top_k(log_probs.reshape(b, k * vocab), keep)  # [B, keep]
@@ -212,15 +235,16 @@ def beam_search(model, pixel_values, max_new: int, num_beams: int, n_eos: int, n
 # -- compiled entry points ---------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _greedy(graphdef, state, pixel_values, max_new, ngram, start_id, sampling, rng):
-    s = greedy_or_sample(nnx.merge(graphdef, state), pixel_values, max_new, ngram, start_id, sampling, rng)
+def _greedy(graphdef, state, pixel_values, max_new, ngram, start_id, sampling, rng, forced):
+    s = greedy_or_sample(nnx.merge(graphdef, state), pixel_values, max_new, ngram, start_id, sampling, rng, forced)
     return s.tokens, s.step
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _beams(graphdef, state, pixel_values, max_new, num_beams, n_eos, ngram, start_id, fill_id, eos_ids, params):
+def _beams(graphdef, state, pixel_values, max_new, num_beams, n_eos, ngram, start_id, fill_id, eos_ids, params,
+           forced):
     s = beam_search(nnx.merge(graphdef, state), pixel_values, max_new, num_beams, n_eos, ngram, start_id,
-                    fill_id, eos_ids, params)
+                    fill_id, eos_ids, params, forced)
     return s.sequences[:, 0], s.lengths[:, 0]
 
 
@@ -232,7 +256,8 @@ def _first(*values):
 
 def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, temperature=1.0, top_k=0, top_p=1.0,
              num_beams=1, length_penalty=1.0, early_stopping=False, no_repeat_ngram_size=0, eos_token_id=None,
-             pad_token_id=None, decoder_start_token_id=None, seed=0) -> np.ndarray:
+             pad_token_id=None, decoder_start_token_id=None, forced_bos_token_id=None, forced_eos_token_id=None,
+             seed=0) -> np.ndarray:
     """Token ids `[B, 1 + n]`: the decoder start token, then n <= max_new_tokens new tokens.
 
     As transformers' `generate` (num_return_sequences=1): n is the length of the longest
@@ -248,13 +273,14 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
       no_repeat_ngram_size: > 0 bans repeating any n-gram of that size.
       eos_token_id, pad_token_id, decoder_start_token_id: default to the config's (top level,
         then the decoder's; the start token falls back to the decoder's BOS).
+      forced_bos_token_id, forced_eos_token_id: the first generated token / the token at the
+        length limit (BART's and mBART's configs set forced_eos_token_id); default to the
+        config's, as transformers' generation config reads them.
     """
     cfg = model.config
     model.check_inputs(pixel_values, np.zeros((np.shape(pixel_values)[0], 1), np.int32), None, None)
-    if max_new_tokens < 1 or 1 + max_new_tokens > cfg.decoder.max_position_embeddings:
-        raise VipLlavaError(
-            f"max_new_tokens must be in [1, {cfg.decoder.max_position_embeddings - 1}], got {max_new_tokens}"
-        )
+    if max_new_tokens < 1 or 1 + max_new_tokens > cfg.decoder.max_tokens:
+        raise VipLlavaError(f"max_new_tokens must be in [1, {cfg.decoder.max_tokens - 1}], got {max_new_tokens}")
     start = _first(decoder_start_token_id, cfg.decoder_start_token_id, cfg.decoder.bos_token_id)
     if start is None or not 0 <= start < cfg.decoder.vocab_size:
         raise VipLlavaError(f"decoder_start_token_id must be a token id in [0, {cfg.decoder.vocab_size}), got {start}")
@@ -271,6 +297,9 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
         raise VipLlavaError(f"top_p must be in (0, 1], got {top_p}")
     if early_stopping not in (True, False, "never"):
         raise VipLlavaError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    forced_bos = _first(forced_bos_token_id, cfg.forced_bos_token_id, cfg.decoder.forced_bos_token_id)
+    forced = Forced(bos=np.int32(-1 if forced_bos is None else forced_bos), eos=eos_array(
+        _first(forced_eos_token_id, cfg.forced_eos_token_id, cfg.decoder.forced_eos_token_id)))
     pixels = jnp.asarray(pixel_values, jnp.float32)
     graphdef, state = nnx.split(model)
     ngram = int(no_repeat_ngram_size or 0)
@@ -278,7 +307,7 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
         sampling = SamplingParams.create(do_sample=do_sample, temperature=temperature, top_k=top_k,
                                          top_p=top_p, eos_token_id=real_eos, pad_id=pad)
         tokens, steps = _greedy(graphdef, state, pixels, max_new_tokens, ngram, np.int32(start), sampling,
-                                jax.random.key(seed))
+                                jax.random.key(seed), forced)
         return np.asarray(tokens)[:, : 1 + int(steps)]
     # Python's float power, rounded to float32 as torch rounds the divisor: equal scores.
     denom = np.array([float(n) ** length_penalty if n else 1.0 for n in range(max_new_tokens + 1)], np.float32)
@@ -286,5 +315,5 @@ def generate(model, pixel_values, *, max_new_tokens=20, do_sample=False, tempera
                         use_max_len=np.bool_(early_stopping == "never" and length_penalty > 0))
     fill = (pad if pad else real_eos[0]) if real_eos else -1
     sequences, lengths = _beams(graphdef, state, pixels, max_new_tokens, num_beams, len(real_eos), ngram,
-                                np.int32(start), np.int32(fill), eos, params)
+                                np.int32(start), np.int32(fill), eos, params, forced)
     return np.asarray(sequences)[:, : 1 + int(np.max(lengths))]

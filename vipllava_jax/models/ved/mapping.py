@@ -27,7 +27,8 @@ PREFIXES = ("encoder.", "enc_to_dec_proj.", "decoder.")
 # Buffers older writers saved: GPT-2's causal-mask `attn.bias` / `attn.masked_bias`, BERT's
 # position / token-type id ranges.
 IGNORED = re.compile(r"(\.(attn|crossattention)\.(bias|masked_bias)|embeddings\.(position_ids|token_type_ids))$")
-TIED = ("decoder.lm_head.weight", "decoder.cls.predictions.decoder.weight", "decoder.cls.predictions.decoder.bias")
+TIED = ("decoder.lm_head.weight", "decoder.cls.predictions.decoder.weight", "decoder.cls.predictions.decoder.bias",
+        "decoder.output_projection.weight", "decoder.lm_head.decoder.weight", "decoder.lm_head.decoder.bias")
 
 
 def hf_key_for(path: str, ndim: int) -> tuple[str, Leaf]:

@@ -2,8 +2,8 @@
 
     pixel_values [B, C, H, W] --ViT/DeiT--> [B, S, D_enc] --enc_to_dec_proj (when the widths
         differ)--> [B, S, D_dec] --each decoder layer's cross-attention k/v--> CrossKV
-    decoder_input_ids [B, T] (or labels shifted right) --GPT-2 / BERT decoder, attending the
-        image through CrossKV--> logits [B, T, V]; labels -> mean cross-entropy
+    decoder_input_ids [B, T] (or labels shifted right) --GPT-2 / BERT / RoBERTa / TrOCR / BART /
+        mBART decoder, attending the image through CrossKV--> logits [B, T, V]; labels -> mean cross-entropy
 
 The semantics are transformers' `VisionEncoderDecoderModel`: with only `labels`, the decoder
 input is `shift_tokens_right(labels, pad_token_id, decoder_start_token_id)` and the loss
@@ -25,16 +25,19 @@ from vipllava_jax import hub
 from vipllava_jax.checkpoint import load_into, save_model
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.models.ved.attention import CrossKV
+from vipllava_jax.models.ved.bart import BartForCausalLM
 from vipllava_jax.models.ved.bert import BertLMHeadModel
 from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
 from vipllava_jax.models.ved.encoder import ViTModel
 from vipllava_jax.models.ved.generate import generate
 from vipllava_jax.models.ved.gpt2 import GPT2LMHeadModel
 from vipllava_jax.models.ved.mapping import VED_MAPPING
+from vipllava_jax.models.ved.roberta import RobertaForCausalLM
 from vipllava_jax.nn.layers import DType, check_attention, linear
 from vipllava_jax.nn.losses import IGNORE_INDEX, token_nll
 
-DECODERS = {"gpt2": GPT2LMHeadModel, "bert": BertLMHeadModel}
+DECODERS = {"gpt2": GPT2LMHeadModel, "bert": BertLMHeadModel, "roberta": RobertaForCausalLM,
+            "trocr": BartForCausalLM, "bart": BartForCausalLM, "mbart": BartForCausalLM}
 
 
 @struct.dataclass
@@ -207,10 +210,8 @@ class VisionEncoderDecoderModel(nnx.Module):
         shape = np.shape(ids)
         if len(shape) != 2 or shape[0] != np.shape(pixel_values)[0]:
             raise VipLlavaError(f"decoder inputs must be [batch, seq] with batch = images, got shape {shape}")
-        if shape[1] > cfg.decoder.max_position_embeddings:
-            raise VipLlavaError(
-                f"{shape[1]} decoder tokens exceed the decoder's {cfg.decoder.max_position_embeddings} positions"
-            )
+        if shape[1] > cfg.decoder.max_tokens:
+            raise VipLlavaError(f"{shape[1]} decoder tokens exceed the decoder's {cfg.decoder.max_tokens} positions")
         for name, x in (("decoder_attention_mask", decoder_attention_mask), ("labels", labels)):
             if x is not None and np.shape(x) != shape:
                 raise VipLlavaError(f"{name} has shape {np.shape(x)}, decoder inputs have {shape}")
@@ -230,6 +231,7 @@ class VisionEncoderDecoderModel(nnx.Module):
                  length_penalty: float = 1.0, early_stopping: bool | str = False,
                  no_repeat_ngram_size: int = 0, eos_token_id: int | list[int] | None = None,
                  pad_token_id: int | None = None, decoder_start_token_id: int | None = None,
+                 forced_bos_token_id: int | None = None, forced_eos_token_id: int | list[int] | None = None,
                  seed: int = 0) -> np.ndarray:
         """Captions `[B, 1 + n]` (the start token, then up to `max_new_tokens` tokens), one compiled
         program per shape; see `vipllava_jax.models.ved.generate.generate`."""
@@ -238,7 +240,8 @@ class VisionEncoderDecoderModel(nnx.Module):
             temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
             length_penalty=length_penalty, early_stopping=early_stopping,
             no_repeat_ngram_size=no_repeat_ngram_size, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id, seed=seed,
+            pad_token_id=pad_token_id, decoder_start_token_id=decoder_start_token_id,
+            forced_bos_token_id=forced_bos_token_id, forced_eos_token_id=forced_eos_token_id, seed=seed,
         )
 
 
