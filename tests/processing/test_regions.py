@@ -212,3 +212,16 @@ def test_flickr30k_grounding_records_describe_the_image():
         for x0, y0, x1, y1 in ([10, 10, 60, 60], [300, 10, 380, 60], [100, 120, 250, 280]):
             assert d[y0:y1, x0:x1].any() or d[max(y0 - 60, 0):y1 + 60, max(x0 - 60, 0):x1 + 60].any()
     assert modes == {"named", "plain"}
+
+
+def test_refcocog_without_conversations_asks_for_a_short_phrase():
+    record = {"id": "refcocog-5", "image": "x.png", "bboxes": [BOX], "answer": "the black cat"}
+    questions = set()
+    for seed in range(16):
+        _, conv = mark_record(record, grey(), np.random.default_rng(seed))
+        q = conv[0]["value"]
+        assert q.startswith("<image>\nDescribe the") and q.endswith(" Please provide a short phrase.")
+        assert conv[1]["value"] == "the black cat"
+        questions.add("named" if parse(q) else q)
+    assert questions == {"named", "<image>\nDescribe the object with the visual prompt. Please provide a short phrase.",
+                         "<image>\nDescribe the pointed region. Please provide a short phrase."}

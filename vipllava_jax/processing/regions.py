@@ -14,7 +14,7 @@ The dataset is the id's prefix before the first '-'; it picks the shapes and the
 
 | dataset        | shapes                                  | style    | text                          |
 |----------------|-----------------------------------------|----------|-------------------------------|
-| refcocog       | all eight                               | random   | conversations                 |
+| refcocog       | all eight                               | random   | conversations, or `answer`: describe the object |
 | vcr            | all but point                           | random   | conversations                 |
 | vg_rel         | rectangle, ellipse                      | random   | conversations, or `answer`: the relationship triplet question |
 | flickr30k      | rectangle, ellipse, arrow               | random   | conversations, or `bbox` (boxes per entity) + `grounding` caption: the describe-the-image question |
@@ -171,6 +171,8 @@ def mark_record(
         regions = _sample(boxes, polygons, rule, rng)
         if dataset == "vg_rel" and not record.get("conversations"):
             conversations = _vg_rel(record, regions)
+        elif dataset == "refcocog" and not record.get("conversations") and "answer" in record:
+            conversations = _refcocog(record, regions, rng)
         else:
             conversations = _fill(record.get("conversations"), regions)
     return _draw(image, regions, rule, rng), conversations
@@ -292,6 +294,21 @@ def _point_qa(record) -> list[dict[str, str]]:
                                    "\nAnswer the question using a single word or phrase."},
         {"from": "gpt", "value": answer},
     ]
+
+
+def _refcocog(record, regions, rng) -> list[dict[str, str]]:
+    """The original's refcocog question without conversations: a quarter of the time one of two
+    generic ones, else one naming the marker (the original's drops the phrase there, leaving
+    "Describe the object ."; this names it), then "Please provide a short phrase."."""
+    answer = record.get("answer")
+    if not isinstance(answer, str) or not regions:
+        raise RegionError("a refcocog record without conversations needs a box and an 'answer'")
+    if rng.random() < 0.25:
+        prompt = ("Describe the object with the visual prompt.", "Describe the pointed region.")[int(rng.integers(2))]
+    else:
+        prompt = f"Describe the object {regions[0].phrase}."
+    return [{"from": "human", "value": f"<image>\n{prompt} Please provide a short phrase."},
+            {"from": "gpt", "value": answer}]
 
 
 def _vg_rel(record, regions) -> list[dict[str, str]]:
