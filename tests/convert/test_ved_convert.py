@@ -24,8 +24,10 @@ def convert(*args) -> int:
 
 
 # tied GPT-2; untied BERT + projection; untied TrOCR reading the encoder's width; tied RoBERTa;
-# untied pre-norm mBART
-@pytest.mark.parametrize("name", ["vit_gpt2", "vit_bert_proj", "deit_trocr", "vit_roberta", "deit_mbart"])
+# untied pre-norm mBART; BEiT with per-layer bias tables and layer scale; BEiT with a shared
+# table, absolute positions and a mask token
+@pytest.mark.parametrize("name", ["vit_gpt2", "vit_bert_proj", "deit_trocr", "vit_roberta", "deit_mbart",
+                                  "beit_trocr", "beit_gpt2_shared"])
 def test_round_trip_loads_in_transformers(hf_veds, tmp_path, name):
     from transformers import VisionEncoderDecoderModel as HF
 

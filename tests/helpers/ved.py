@@ -24,21 +24,29 @@ SHAPES = {
     "vit_bart_proj": ("vit", "bart", 48, True, 2, {}),  # post-norm, enc_to_dec_proj
     "deit_mbart": ("deit", "mbart", 32, False, 2, {"scale_embedding": True}),  # pre-norm, final layer_norm
     "vit_roberta": ("vit", "roberta", 32, True, 1, {}),  # positions from the pad id
+    # BEiT: a bias table per layer, layer scale, the final layernorm (TrOCR-base's encoder)
+    "beit_trocr": ("beit", "trocr", 32, False, 2, {"encoder": {
+        "use_relative_position_bias": True, "use_mean_pooling": False, "layer_scale_init_value": 0.1}}),
+    # BEiT: one shared bias table, absolute positions, no layer scale, mean pooling (no final norm)
+    "beit_gpt2_shared": ("beit", "gpt2", 32, True, 2, {"encoder": {
+        "use_shared_relative_position_bias": True, "use_absolute_position_embeddings": True,
+        "layer_scale_init_value": 0.0, "use_mask_token": True}}),
 }
 
 
 def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_vocab_size=2, extra=None):
-    from transformers import BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
+    from transformers import BeitConfig, BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
-    enc_cls = {"vit": ViTConfig, "deit": DeiTConfig}[encoder]
+    extra = dict(extra or {})
+    enc_cls = {"vit": ViTConfig, "deit": DeiTConfig, "beit": BeitConfig}[encoder]
     enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
+                  image_size=32, patch_size=8, **extra.pop("encoder", {}))
     common = dict(vocab_size=VOCAB, is_decoder=True, add_cross_attention=True, tie_word_embeddings=tied,
                   bos_token_id=START, eos_token_id=2, pad_token_id=PAD)
     if decoder == "gpt2":
         dec = GPT2Config(n_embd=dec_hidden, n_layer=2, n_head=4, n_positions=64, **common)
     elif decoder in DECODER_CONFIGS:
-        dec = seq2seq_decoder_config(decoder, dec_hidden, common, **(extra or {}))
+        dec = seq2seq_decoder_config(decoder, dec_hidden, common, **extra)
     else:
         dec = BertConfig(hidden_size=dec_hidden, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64,

@@ -1,7 +1,7 @@
 """Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
 
 A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
-decoder's own configs. Supported here: encoder `vit` or `deit`; decoder `gpt2`, `bert`,
+decoder's own configs. Supported here: encoder `vit`, `deit` or `beit`; decoder `gpt2`, `bert`,
 `roberta`, `trocr`, `bart` or `mbart` (with `is_decoder` and `add_cross_attention`, as VED
 sets them). The sub-configs may
 list only the fields that differ from the class defaults, so the defaults below are those of
@@ -25,6 +25,11 @@ _VIT_DEFAULTS = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
     hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
     qkv_bias=True, pooler_output_size=None, pooler_act="tanh",
+)
+# BEiT's own switches (transformers' BeitConfig defaults).
+_BEIT_DEFAULTS = dict(
+    use_mask_token=False, use_absolute_position_embeddings=False, use_relative_position_bias=False,
+    use_shared_relative_position_bias=False, layer_scale_init_value=0.1, use_mean_pooling=True,
 )
 _GPT2_DEFAULTS = dict(
     vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
@@ -83,7 +88,8 @@ def _square(value, name: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-    """A ViT encoder; `deit` adds a distillation token after the CLS token."""
+    """A ViT encoder; `deit` adds a distillation token after the CLS token; `beit` has the
+    `use_*` switches and `layer_scale_init_value` of transformers' BeitConfig."""
 
     model_type: str = "vit"
     hidden_size: int = 768
@@ -97,6 +103,12 @@ class ViTConfig:
     num_channels: int = 3
     qkv_bias: bool = True
     pooler_output_size: int = 768  # the pooler is stored, never applied (VED reads the last hidden state)
+    use_mask_token: bool = False
+    use_absolute_position_embeddings: bool = True
+    use_relative_position_bias: bool = False
+    use_shared_relative_position_bias: bool = False
+    layer_scale_init_value: float = 0.0
+    use_mean_pooling: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -113,9 +125,12 @@ class ViTConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ViTConfig:
         model_type = d.get("model_type")
-        if model_type not in ("vit", "deit"):
-            raise ConfigError(f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit')")
-        v = {**_VIT_DEFAULTS, **d}
+        if model_type not in ("vit", "deit", "beit"):
+            raise ConfigError(f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit')")
+        beit = model_type == "beit"
+        v = {**_VIT_DEFAULTS, **(_BEIT_DEFAULTS if beit else {}), **d}
+        if beit and not isinstance(v["layer_scale_init_value"], (int, float)):
+            raise ConfigError(f"encoder.layer_scale_init_value must be a number, got {v['layer_scale_init_value']!r}")
         _check_numbers(v, "encoder.", counts=("hidden_size", "num_hidden_layers", "num_attention_heads",
                                               "intermediate_size", "num_channels"),
                        optional_counts=("pooler_output_size",), positive=("layer_norm_eps",))
@@ -126,6 +141,13 @@ class ViTConfig:
             image_size=_square(v["image_size"], "image_size"), patch_size=_square(v["patch_size"], "patch_size"),
             num_channels=v["num_channels"], qkv_bias=v["qkv_bias"],
             pooler_output_size=v["pooler_output_size"] or v["hidden_size"],
+            **({} if not beit else dict(
+                use_mask_token=bool(v["use_mask_token"]),
+                use_absolute_position_embeddings=bool(v["use_absolute_position_embeddings"]),
+                use_relative_position_bias=bool(v["use_relative_position_bias"]),
+                use_shared_relative_position_bias=bool(v["use_shared_relative_position_bias"]),
+                layer_scale_init_value=float(v["layer_scale_init_value"]),
+                use_mean_pooling=bool(v["use_mean_pooling"]))),
         )
 
 

@@ -20,13 +20,18 @@ VED_LEAVES: dict[tuple[str, int], Leaf] = {
     ("cls_token", 3): Leaf("cls_token", identity, identity),
     ("distillation_token", 3): Leaf("distillation_token", identity, identity),
     ("position_embeddings", 3): Leaf("position_embeddings", identity, identity),
+    ("mask_token", 3): Leaf("mask_token", identity, identity),  # BEiT
+    ("lambda_1", 1): Leaf("lambda_1", identity, identity),  # BEiT's layer scale
+    ("lambda_2", 1): Leaf("lambda_2", identity, identity),
+    ("relative_position_bias_table", 2): Leaf("relative_position_bias_table", identity, identity),
 }
 CONV1D = Leaf("weight", identity, identity)  # GPT-2's Conv1D weight is [in, out] already
 PREFIXES = ("encoder.", "enc_to_dec_proj.", "decoder.")
 
 # Buffers older writers saved: GPT-2's causal-mask `attn.bias` / `attn.masked_bias`, BERT's
-# position / token-type id ranges.
-IGNORED = re.compile(r"(\.(attn|crossattention)\.(bias|masked_bias)|embeddings\.(position_ids|token_type_ids))$")
+# position / token-type id ranges, BEiT's relative position index.
+IGNORED = re.compile(r"(\.(attn|crossattention)\.(bias|masked_bias)|embeddings\.(position_ids|token_type_ids)"
+                     r"|relative_position_bias\.relative_position_index)$")
 TIED = ("decoder.lm_head.weight", "decoder.cls.predictions.decoder.weight", "decoder.cls.predictions.decoder.bias",
         "decoder.output_projection.weight", "decoder.lm_head.decoder.weight", "decoder.lm_head.decoder.bias")
 

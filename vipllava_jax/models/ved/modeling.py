@@ -1,6 +1,6 @@
 """VisionEncoderDecoderModel: an image encoder, an optional projection, a text decoder.
 
-    pixel_values [B, C, H, W] --ViT/DeiT--> [B, S, D_enc] --enc_to_dec_proj (when the widths
+    pixel_values [B, C, H, W] --ViT/DeiT/BEiT--> [B, S, D_enc] --enc_to_dec_proj (when the widths
         differ)--> [B, S, D_dec] --each decoder layer's cross-attention k/v--> CrossKV
     decoder_input_ids [B, T] (or labels shifted right) --GPT-2 / BERT / RoBERTa / TrOCR / BART /
         mBART decoder, attending the image through CrossKV--> logits [B, T, V]; labels -> mean cross-entropy
@@ -26,6 +26,7 @@ from vipllava_jax.checkpoint import load_into, save_model
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.models.ved.attention import CrossKV
 from vipllava_jax.models.ved.bart import BartForCausalLM
+from vipllava_jax.models.ved.beit import BeitModel
 from vipllava_jax.models.ved.bert import BertLMHeadModel
 from vipllava_jax.models.ved.config import VisionEncoderDecoderConfig
 from vipllava_jax.models.ved.encoder import ViTModel
@@ -76,7 +77,7 @@ class VisionEncoderDecoderModel(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.encoder = ViTModel(config.encoder, **kw)
+        self.encoder = (BeitModel if config.encoder.model_type == "beit" else ViTModel)(config.encoder, **kw)
         self.enc_to_dec_proj = linear(
             config.encoder.hidden_size, config.decoder.hidden_size, ("vision_features", "embed"), bias=True, **kw
         ) if config.needs_projection else None
