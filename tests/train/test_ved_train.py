@@ -123,3 +123,34 @@ def test_captioner_trains_sharded_and_exports_to_transformers(workspace, tmp_pat
     with torch.no_grad():
         want = ref.eval()(pixel_values=torch.tensor(pixels), labels=torch.tensor(labels)).logits.numpy()
     np.testing.assert_allclose(np.asarray(trained(pixels, labels=labels).logits), want, atol=1e-4)
+
+
+def test_beit_trocr_captioner_fine_tunes_and_exports(tmp_path, workspace):
+    """TrOCR-base's pair (BEiT encoder, TrOCR decoder with an untied output_projection) through
+    the same train loop, on the workspace's images and tokenizer; the export loads in transformers."""
+    from transformers import VisionEncoderDecoderModel as HF
+
+    from tests.helpers.ved import SHAPES
+
+    _, root = workspace
+    hf = make_hf_ved(*SHAPES["beit_trocr"])
+    hf.save_pretrained(tmp_path / "hf")
+    make_word_tokenizer(tmp_path / "hf", list(CAPTIONS.values()))
+    hf_to_orbax(tmp_path / "hf", tmp_path / "model")
+    cfg = RunConfig.from_dict(dict(
+        model=str(tmp_path / "model"), data=str(root / "captions.jsonl"), image_folder=str(root / "images"),
+        output_dir=str(tmp_path / "run"), mesh="data=-1", batch_size=8, max_length=6, dtype="float32",
+        num_workers=0, steps=20, save_every=20,
+        train=dict(stage="all", learning_rate=1e-2, warmup_steps=2),
+    ))
+    history = train(cfg, progress=False)
+    assert history[-1]["loss"] < 0.3 * history[0]["loss"], [m["loss"] for m in history]
+
+    orbax_to_hf(tmp_path / "run", tmp_path / "out")
+    ref, info = HF.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixels, labels = images(), caption_labels()
+    with torch.no_grad():
+        want = ref.eval()(pixel_values=torch.tensor(pixels), labels=torch.tensor(labels)).logits.numpy()
+    trained = load_trained_model(tmp_path / "run")
+    np.testing.assert_allclose(np.asarray(trained(pixels, labels=labels).logits), want, atol=1e-4)
