@@ -25,9 +25,9 @@ def convert(*args) -> int:
 
 # tied GPT-2; untied BERT + projection; untied TrOCR reading the encoder's width; tied RoBERTa;
 # untied pre-norm mBART; BEiT with per-layer bias tables and layer scale; BEiT with a shared
-# table, absolute positions and a mask token
+# table, absolute positions and a mask token; Swin with patch merging (and absolute positions)
 @pytest.mark.parametrize("name", ["vit_gpt2", "vit_bert_proj", "deit_trocr", "vit_roberta", "deit_mbart",
-                                  "beit_trocr", "beit_gpt2_shared"])
+                                  "beit_trocr", "beit_gpt2_shared", "swin_mbart", "swin_bert_abs"])
 def test_round_trip_loads_in_transformers(hf_veds, tmp_path, name):
     from transformers import VisionEncoderDecoderModel as HF
 

@@ -31,6 +31,10 @@ SHAPES = {
     "beit_gpt2_shared": ("beit", "gpt2", 32, True, 2, {"encoder": {
         "use_shared_relative_position_bias": True, "use_absolute_position_embeddings": True,
         "layer_scale_init_value": 0.0, "use_mask_token": True}}),
+    # Donut's pair (square here); 5 px patches on 32 px: every padding path (pixels to 35, the
+    # 7x7 grid to 3x3 windows, the odd grid before merging, the merged 4x4 grid to windows)
+    "swin_mbart": ("swin", "mbart", 32, True, 2, {"encoder": {"patch_size": 5, "window_size": 3}}),
+    "swin_bert_abs": ("swin", "bert", 48, True, 2, {"encoder": {"use_absolute_embeddings": True}}),  # + projection
 }
 
 
@@ -38,9 +42,15 @@ def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_voc
     from transformers import BeitConfig, BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     extra = dict(extra or {})
-    enc_cls = {"vit": ViTConfig, "deit": DeiTConfig, "beit": BeitConfig}[encoder]
-    enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8, **extra.pop("encoder", {}))
+    if encoder == "swin":  # 8x8 patches, window 4: stage 0 shifts, stage 1 is one 4x4 window; 16 -> 32 wide
+        from transformers import SwinConfig
+
+        enc = SwinConfig(**{**dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                   window_size=4), **extra.pop("encoder", {})})
+    else:
+        enc_cls = {"vit": ViTConfig, "deit": DeiTConfig, "beit": BeitConfig}[encoder]
+        enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      image_size=32, patch_size=8, **extra.pop("encoder", {}))
     common = dict(vocab_size=VOCAB, is_decoder=True, add_cross_attention=True, tie_word_embeddings=tied,
                   bos_token_id=START, eos_token_id=2, pad_token_id=PAD)
     if decoder == "gpt2":

@@ -139,10 +139,10 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(gpt2, beams):
 
 
 @pytest.mark.parametrize("name", ["deit_trocr", "vit_trocr_sinusoidal", "vit_bart_proj", "deit_mbart", "vit_roberta",
-                                  "beit_trocr"])
+                                  "beit_trocr", "swin_mbart"])
 def test_other_decoders_greedy_and_beams(hf_veds, name):
-    """TrOCR (learned and sinusoidal positions), BART, mBART and RoBERTa decoders, and TrOCR on
-    a BEiT encoder (TrOCR-base's pair). BART's and
+    """TrOCR (learned and sinusoidal positions), BART, mBART and RoBERTa decoders, TrOCR on a
+    BEiT encoder (TrOCR-base's pair) and mBART on Swin (Donut's). BART's and
     mBART's configs set forced_eos_token_id (2): captions that reach the length limit end in it."""
     hf, path = hf_veds(name)
     ours = VisionEncoderDecoderModel.from_pretrained(path)

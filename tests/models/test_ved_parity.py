@@ -103,3 +103,15 @@ def test_unsupported_decoders_fail_with_one_line_errors():
         with pytest.raises(ConfigError, match=message) as e:
             VisionEncoderDecoderConfig.from_hf_dict({**base, "decoder": decoder})
         assert "\n" not in str(e.value)
+
+
+def test_swin_stage_smaller_than_its_window_is_a_one_line_error():
+    from vipllava_jax.errors import ConfigError
+    from vipllava_jax.models.ved import VisionEncoderDecoderConfig
+
+    encoder = {"model_type": "swin", "image_size": 32, "patch_size": 4, "embed_dim": 16, "depths": [2, 2, 2],
+               "num_heads": [2, 2, 2], "window_size": 4}  # grids 8, 4, 2: the last is below the window
+    decoder = {"model_type": "trocr", "d_model": 64}
+    with pytest.raises(ConfigError, match="stage 2's 2x2 grid is smaller than window_size 4"):
+        VisionEncoderDecoderConfig.from_hf_dict(
+            {"model_type": "vision-encoder-decoder", "encoder": encoder, "decoder": decoder})

@@ -1,7 +1,8 @@
 """Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
 
 A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
-decoder's own configs. Supported here: encoder `vit`, `deit` or `beit`; decoder `gpt2`, `bert`,
+decoder's own configs. Supported here: encoder `vit`, `deit`, `beit` or `swin` (square images);
+decoder `gpt2`, `bert`,
 `roberta`, `trocr`, `bart` or `mbart` (with `is_decoder` and `add_cross_attention`, as VED
 sets them). The sub-configs may
 list only the fields that differ from the class defaults, so the defaults below are those of
@@ -109,6 +110,13 @@ class ViTConfig:
     use_shared_relative_position_bias: bool = False
     layer_scale_init_value: float = 0.0
     use_mean_pooling: bool = False
+    # Swin: stage i has depths[i] blocks of width embed_dim * 2**i and num_heads[i] heads
+    embed_dim: int = 96
+    depths: tuple[int, ...] = ()
+    num_heads: tuple[int, ...] = ()
+    window_size: int = 7
+    mlp_ratio: float = 4.0
+    use_absolute_embeddings: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -120,13 +128,21 @@ class ViTConfig:
 
     @property
     def seq_len(self) -> int:
+        if self.model_type == "swin":  # the last stage's grid, halved (rounding up) per merge
+            grid = -(-self.image_size // self.patch_size)
+            for _ in self.depths[1:]:
+                grid = (grid + 1) // 2
+            return grid * grid
         return (self.image_size // self.patch_size) ** 2 + self.num_special_tokens
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ViTConfig:
         model_type = d.get("model_type")
+        if model_type == "swin":
+            return cls._from_swin(d)
         if model_type not in ("vit", "deit", "beit"):
-            raise ConfigError(f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit')")
+            raise ConfigError(
+                f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit', 'swin')")
         beit = model_type == "beit"
         v = {**_VIT_DEFAULTS, **(_BEIT_DEFAULTS if beit else {}), **d}
         if beit and not isinstance(v["layer_scale_init_value"], (int, float)):
@@ -148,6 +164,36 @@ class ViTConfig:
                 use_shared_relative_position_bias=bool(v["use_shared_relative_position_bias"]),
                 layer_scale_init_value=float(v["layer_scale_init_value"]),
                 use_mean_pooling=bool(v["use_mean_pooling"]))),
+        )
+
+    @classmethod
+    def _from_swin(cls, d: dict[str, Any]) -> ViTConfig:
+        v = {**dict(image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2],
+                    num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, hidden_act="gelu",
+                    use_absolute_embeddings=False, layer_norm_eps=1e-5), **d}
+        _check_numbers(v, "encoder.", counts=("embed_dim", "window_size", "num_channels"),
+                       positive=("layer_norm_eps", "mlp_ratio"))
+        depths, heads = v["depths"], v["num_heads"]
+        if (not isinstance(depths, list) or not isinstance(heads, list) or not depths or len(depths) != len(heads)
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in depths + heads)):
+            raise ConfigError(f"encoder.depths and num_heads must be equal-length lists of positive integers, "
+                              f"got {depths!r} and {heads!r}")
+        image, patch, ws = _square(v["image_size"], "image_size"), _square(v["patch_size"], "patch_size"), v["window_size"]
+        grid = -(-image // patch)
+        for i in range(len(depths)):
+            if grid < ws:
+                # transformers shrinks the window to the grid but keeps the window's bias table
+                raise ConfigError(f"unsupported swin encoder: stage {i}'s {grid}x{grid} grid is smaller than "
+                                  f"window_size {ws}")
+            grid = (grid + 1) // 2
+        hidden = v["embed_dim"] * 2 ** (len(depths) - 1)
+        return cls(
+            model_type="swin", hidden_size=hidden, num_hidden_layers=sum(depths), num_attention_heads=heads[-1],
+            intermediate_size=int(v["mlp_ratio"] * hidden), hidden_act=v["hidden_act"],
+            layer_norm_eps=v["layer_norm_eps"], image_size=image, patch_size=patch, num_channels=v["num_channels"],
+            qkv_bias=v["qkv_bias"], pooler_output_size=hidden, embed_dim=v["embed_dim"], depths=tuple(depths),
+            num_heads=tuple(heads), window_size=ws, mlp_ratio=float(v["mlp_ratio"]),
+            use_absolute_embeddings=bool(v["use_absolute_embeddings"]),
         )
 
 

@@ -1,6 +1,6 @@
 """VisionEncoderDecoderModel: an image encoder, an optional projection, a text decoder.
 
-    pixel_values [B, C, H, W] --ViT/DeiT/BEiT--> [B, S, D_enc] --enc_to_dec_proj (when the widths
+    pixel_values [B, C, H, W] --ViT/DeiT/BEiT/Swin--> [B, S, D_enc] --enc_to_dec_proj (when the widths
         differ)--> [B, S, D_dec] --each decoder layer's cross-attention k/v--> CrossKV
     decoder_input_ids [B, T] (or labels shifted right) --GPT-2 / BERT / RoBERTa / TrOCR / BART /
         mBART decoder, attending the image through CrossKV--> logits [B, T, V]; labels -> mean cross-entropy
@@ -34,9 +34,11 @@ from vipllava_jax.models.ved.generate import generate
 from vipllava_jax.models.ved.gpt2 import GPT2LMHeadModel
 from vipllava_jax.models.ved.mapping import VED_MAPPING
 from vipllava_jax.models.ved.roberta import RobertaForCausalLM
+from vipllava_jax.models.ved.swin import SwinModel
 from vipllava_jax.nn.layers import DType, check_attention, linear
 from vipllava_jax.nn.losses import IGNORE_INDEX, token_nll
 
+ENCODERS = {"beit": BeitModel, "swin": SwinModel}  # ViT otherwise (vit, deit)
 DECODERS = {"gpt2": GPT2LMHeadModel, "bert": BertLMHeadModel, "roberta": RobertaForCausalLM,
             "trocr": BartForCausalLM, "bart": BartForCausalLM, "mbart": BartForCausalLM}
 
@@ -77,7 +79,7 @@ class VisionEncoderDecoderModel(nnx.Module):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.encoder = (BeitModel if config.encoder.model_type == "beit" else ViTModel)(config.encoder, **kw)
+        self.encoder = ENCODERS.get(config.encoder.model_type, ViTModel)(config.encoder, **kw)
         self.enc_to_dec_proj = linear(
             config.encoder.hidden_size, config.decoder.hidden_size, ("vision_features", "embed"), bias=True, **kw
         ) if config.needs_projection else None
