@@ -49,8 +49,8 @@ def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_voc
                                    window_size=4), **extra.pop("encoder", {})})
     else:
         enc_cls = {"vit": ViTConfig, "deit": DeiTConfig, "beit": BeitConfig}[encoder]
-        enc = enc_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      image_size=32, patch_size=8, **extra.pop("encoder", {}))
+        enc = enc_cls(**{**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=32, patch_size=8), **extra.pop("encoder", {})})
     common = dict(vocab_size=VOCAB, is_decoder=True, add_cross_attention=True, tie_word_embeddings=tied,
                   bos_token_id=START, eos_token_id=2, pad_token_id=PAD)
     if decoder == "gpt2":
@@ -109,3 +109,17 @@ def seq2seq_decoder_config(decoder, hidden, common, **extra):
                    max_position_embeddings=64, type_vocab_size=1, **common, **extra)
     return cls(d_model=hidden, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
                max_position_embeddings=64, **common, **extra)
+
+
+# Non-square images ([height, width] = [32, 48]): name -> make_hf_ved arguments
+NON_SQUARE = {
+    "vit_gpt2_wide": ("vit", "gpt2", 32, True, 2, {"encoder": {"image_size": [32, 48]}}),
+    "beit_trocr_wide": ("beit", "trocr", 32, False, 2, {"encoder": {
+        "image_size": [32, 48], "use_relative_position_bias": True}}),
+    # Donut's shape: a wide Swin (8x12 patches, 4x6 after merging) and an mBART decoder
+    "swin_mbart_wide": ("swin", "mbart", 32, True, 2, {"encoder": {"image_size": [32, 48]}}),
+}
+
+
+def wide_images(batch=2, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 3, 32, 48)).astype(np.float32)

@@ -115,3 +115,36 @@ def test_swin_stage_smaller_than_its_window_is_a_one_line_error():
     with pytest.raises(ConfigError, match="stage 2's 2x2 grid is smaller than window_size 4"):
         VisionEncoderDecoderConfig.from_hf_dict(
             {"model_type": "vision-encoder-decoder", "encoder": encoder, "decoder": decoder})
+
+
+@pytest.mark.parametrize("name", ["vit_gpt2_wide", "beit_trocr_wide", "swin_mbart_wide"])
+def test_non_square_images(tmp_path, name):
+    """`image_size: [height, width]` (Donut's are wide): the patch grid, position tables, BEiT's
+    bias windows and Swin's stage grids follow both sides; square pixels are refused."""
+    from tests.helpers.ved import NON_SQUARE, make_hf_ved, wide_images
+
+    hf = make_hf_ved(*NON_SQUARE[name])
+    hf.save_pretrained(tmp_path)
+    model = VisionEncoderDecoderModel.from_pretrained(tmp_path)
+    px, labels = wide_images(), caption_labels()
+    ref = torch_out(hf, pixel_values=px, labels=labels)
+    out = model(px, labels=labels)
+    assert np.abs(np.asarray(out.logits) - ref.logits.numpy()).max() <= ATOL
+    assert abs(float(out.loss) - float(ref.loss)) <= ATOL
+    with pytest.raises(VipLlavaError, match=r"pixel_values must be \[batch, 3, 32, 48\]"):
+        model(images(), labels=labels)
+    if name == "swin_mbart_wide":
+        kw = dict(max_new_tokens=8, pad_token_id=PAD, decoder_start_token_id=START, num_beams=3)
+        with torch.no_grad():
+            want = hf.generate(torch.tensor(px), do_sample=False, **kw).numpy()
+        np.testing.assert_array_equal(model.generate(px, **kw), want)
+
+
+def test_beit_absolute_positions_on_non_square_images_is_a_one_line_error():
+    from vipllava_jax.errors import ConfigError
+    from vipllava_jax.models.ved import VisionEncoderDecoderConfig
+
+    encoder = {"model_type": "beit", "image_size": [32, 48], "use_absolute_position_embeddings": True}
+    with pytest.raises(ConfigError, match="absolute position embeddings with a non-square image_size"):
+        VisionEncoderDecoderConfig.from_hf_dict({"model_type": "vision-encoder-decoder", "encoder": encoder,
+                                                 "decoder": {"model_type": "trocr", "d_model": 768}})

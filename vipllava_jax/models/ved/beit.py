@@ -48,7 +48,7 @@ def relative_position_index(window: tuple[int, int]) -> np.ndarray:
 
 class BeitRelativePositionBias(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, param_dtype: DType):
-        self.window = (cfg.image_size // cfg.patch_size,) * 2
+        self.window = cfg.patch_grid
         num = (2 * self.window[0] - 1) * (2 * self.window[1] - 1) + 3
         self.relative_position_bias_table = nnx.Param(jnp.zeros((num, cfg.num_attention_heads), param_dtype),
                                                       out_sharding=(None, None))

@@ -1,8 +1,8 @@
 """Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
 
 A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
-decoder's own configs. Supported here: encoder `vit`, `deit`, `beit` or `swin` (square images);
-decoder `gpt2`, `bert`,
+decoder's own configs. Supported here: encoder `vit`, `deit`, `beit` or `swin` (square or
+`[height, width]` images, square patches); decoder `gpt2`, `bert`,
 `roberta`, `trocr`, `bart` or `mbart` (with `is_decoder` and `add_cross_attention`, as VED
 sets them). The sub-configs may
 list only the fields that differ from the class defaults, so the defaults below are those of
@@ -77,6 +77,18 @@ def _check_object(d, where: str) -> dict[str, Any]:
     return d
 
 
+def _image_size(value) -> tuple[int, int | None]:
+    """`image_size` as an int or a `[height, width]` pair -> (height, width or None when square)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ConfigError(f"encoder.image_size must be an int or [height, width], got {value!r}")
+        _check_numbers({"image_size": value[0], "image_width": value[1]}, "encoder.",
+                       counts=("image_size", "image_width"))
+        return value[0], (None if value[1] == value[0] else value[1])
+    _check_numbers({"image_size": value}, "encoder.", counts=("image_size",))
+    return value, None
+
+
 def _square(value, name: str) -> int:
     """ViT configs allow `image_size` / `patch_size` as an int or a square pair."""
     if isinstance(value, (list, tuple)):
@@ -99,7 +111,8 @@ class ViTConfig:
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-12
-    image_size: int = 224
+    image_size: int = 224  # the height (and the width, when image_width is None)
+    image_width: int | None = None
     patch_size: int = 16
     num_channels: int = 3
     qkv_bias: bool = True
@@ -127,13 +140,24 @@ class ViTConfig:
         return 2 if self.model_type == "deit" else 1
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        return self.image_size, self.image_width or self.image_size
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Patches down and across, as transformers sizes its position table (rounding down)."""
+        h, w = self.image_hw
+        return h // self.patch_size, w // self.patch_size
+
+    @property
     def seq_len(self) -> int:
         if self.model_type == "swin":  # the last stage's grid, halved (rounding up) per merge
-            grid = -(-self.image_size // self.patch_size)
+            gh, gw = (-(-x // self.patch_size) for x in self.image_hw)
             for _ in self.depths[1:]:
-                grid = (grid + 1) // 2
-            return grid * grid
-        return (self.image_size // self.patch_size) ** 2 + self.num_special_tokens
+                gh, gw = (gh + 1) // 2, (gw + 1) // 2
+            return gh * gw
+        gh, gw = self.patch_grid
+        return gh * gw + self.num_special_tokens
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ViTConfig:
@@ -145,6 +169,9 @@ class ViTConfig:
                 f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit', 'swin')")
         beit = model_type == "beit"
         v = {**_VIT_DEFAULTS, **(_BEIT_DEFAULTS if beit else {}), **d}
+        if beit and v["use_absolute_position_embeddings"] and _image_size(v["image_size"])[1] is not None:
+            # transformers' BEiT interpolates its position table whenever height != width, and fails
+            raise ConfigError("unsupported beit encoder: absolute position embeddings with a non-square image_size")
         if beit and not isinstance(v["layer_scale_init_value"], (int, float)):
             raise ConfigError(f"encoder.layer_scale_init_value must be a number, got {v['layer_scale_init_value']!r}")
         _check_numbers(v, "encoder.", counts=("hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -154,7 +181,8 @@ class ViTConfig:
             model_type=model_type, hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
             num_attention_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
             hidden_act=v["hidden_act"], layer_norm_eps=v["layer_norm_eps"],
-            image_size=_square(v["image_size"], "image_size"), patch_size=_square(v["patch_size"], "patch_size"),
+            image_size=_image_size(v["image_size"])[0], image_width=_image_size(v["image_size"])[1],
+            patch_size=_square(v["patch_size"], "patch_size"),
             num_channels=v["num_channels"], qkv_bias=v["qkv_bias"],
             pooler_output_size=v["pooler_output_size"] or v["hidden_size"],
             **({} if not beit else dict(
@@ -178,19 +206,20 @@ class ViTConfig:
                 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in depths + heads)):
             raise ConfigError(f"encoder.depths and num_heads must be equal-length lists of positive integers, "
                               f"got {depths!r} and {heads!r}")
-        image, patch, ws = _square(v["image_size"], "image_size"), _square(v["patch_size"], "patch_size"), v["window_size"]
-        grid = -(-image // patch)
+        (image, width), patch, ws = _image_size(v["image_size"]), _square(v["patch_size"], "patch_size"), v["window_size"]
+        gh, gw = -(-image // patch), -(-(width or image) // patch)
         for i in range(len(depths)):
-            if grid < ws:
+            if min(gh, gw) < ws:
                 # transformers shrinks the window to the grid but keeps the window's bias table
-                raise ConfigError(f"unsupported swin encoder: stage {i}'s {grid}x{grid} grid is smaller than "
+                raise ConfigError(f"unsupported swin encoder: stage {i}'s {gh}x{gw} grid is smaller than "
                                   f"window_size {ws}")
-            grid = (grid + 1) // 2
+            gh, gw = (gh + 1) // 2, (gw + 1) // 2
         hidden = v["embed_dim"] * 2 ** (len(depths) - 1)
         return cls(
             model_type="swin", hidden_size=hidden, num_hidden_layers=sum(depths), num_attention_heads=heads[-1],
             intermediate_size=int(v["mlp_ratio"] * hidden), hidden_act=v["hidden_act"],
-            layer_norm_eps=v["layer_norm_eps"], image_size=image, patch_size=patch, num_channels=v["num_channels"],
+            layer_norm_eps=v["layer_norm_eps"], image_size=image, image_width=width, patch_size=patch,
+            num_channels=v["num_channels"],
             qkv_bias=v["qkv_bias"], pooler_output_size=hidden, embed_dim=v["embed_dim"], depths=tuple(depths),
             num_heads=tuple(heads), window_size=ws, mlp_ratio=float(v["mlp_ratio"]),
             use_absolute_embeddings=bool(v["use_absolute_embeddings"]),

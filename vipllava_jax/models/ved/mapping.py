@@ -53,13 +53,13 @@ VED_MAPPING = KeyMapping(hf_key_for=hf_key_for, canonical_key=identity, ignored=
 
 def processor_files(config) -> dict[str, dict]:
     """The image processor file transformers reads for a VED folder whose source had none:
-    ViT's preprocessing at the encoder's size (a square resize, mean = std = 0.5), the same
+    ViT's preprocessing at the encoder's height x width (mean = std = 0.5), the same
     defaults `processing.captions` uses for such a folder."""
-    size = config.encoder.image_size
+    height, width = config.encoder.image_hw
     return {
         "preprocessor_config.json": {
             "image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": size, "width": size}, "resample": 2, "do_rescale": True,
+            "size": {"height": height, "width": width}, "resample": 2, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
             "image_std": [0.5, 0.5, 0.5],
         },

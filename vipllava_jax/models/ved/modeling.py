@@ -198,7 +198,7 @@ class VisionEncoderDecoderModel(nnx.Module):
     def check_inputs(self, pixel_values, decoder_input_ids, decoder_attention_mask, labels) -> None:
         cfg = self.config
         enc = cfg.encoder
-        want = (enc.num_channels, enc.image_size, enc.image_size)
+        want = (enc.num_channels, *enc.image_hw)
         if len(np.shape(pixel_values)) != 4 or np.shape(pixel_values)[1:] != want:
             raise VipLlavaError(
                 f"pixel_values must be [batch, {want[0]}, {want[1]}, {want[2]}], got shape {np.shape(pixel_values)}"

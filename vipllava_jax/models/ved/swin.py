@@ -164,12 +164,12 @@ class SwinEncoder(nnx.Module):
 class SwinEmbeddings(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
         self.dtype, self.patch = dtype, cfg.patch_size
-        grid = cfg.image_size // cfg.patch_size  # as transformers sizes it (no padding counted)
+        gh, gw = cfg.patch_grid  # as transformers sizes it (no padding counted)
         self.patch_embeddings = ViTPatchEmbeddings(dataclasses.replace(cfg, hidden_size=cfg.embed_dim),
                                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = LayerNorm(cfg.embed_dim, eps=1e-5, dtype=dtype, param_dtype=param_dtype)
         self.position_embeddings = nnx.Param(
-            nnx.initializers.normal(0.02)(rngs.params(), (1, grid * grid, cfg.embed_dim), param_dtype),
+            nnx.initializers.normal(0.02)(rngs.params(), (1, gh * gw, cfg.embed_dim), param_dtype),
             out_sharding=(None, "seq", "embed"),
         ) if cfg.use_absolute_embeddings else None
 
