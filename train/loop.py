@@ -100,7 +100,8 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
     if cfg.batch_size % hosts:
         raise TrainingError(f"batch_size {cfg.batch_size} is not a multiple of the {hosts} processes")
     say = tqdm.write if progress and primary else (lambda _: None)
-    say(topology(mesh, cfg.batch_size))
+    if progress:  # every process says where it stands
+        tqdm.write(topology(mesh, cfg.batch_size))
     loader = data_loader(cfg, model.config, batch_size=cfg.batch_size // hosts)
     model_config = model.config
     graphdef, state, shardings = init_train_state(model, cfg.train, mesh)
