@@ -391,6 +391,14 @@ class VisionEncoderDecoderConfig:
         )
 
     @classmethod
+    def from_encoder_decoder_configs(cls, encoder: dict[str, Any], decoder: dict[str, Any]) -> VisionEncoderDecoderConfig:
+        """transformers' `from_encoder_decoder_configs`: the two HF config dicts joined, the
+        decoder's made `is_decoder` with `add_cross_attention` (as transformers sets them)."""
+        decoder = {**_check_object(decoder, "the decoder config"), "is_decoder": True, "add_cross_attention": True}
+        return cls.from_hf_dict({"model_type": MODEL_TYPE, "encoder": _check_object(encoder, "the encoder config"),
+                                 "decoder": decoder, "is_encoder_decoder": True})
+
+    @classmethod
     def from_pretrained(cls, path: str | Path) -> VisionEncoderDecoderConfig:
         file = Path(path) / "config.json"
         try:

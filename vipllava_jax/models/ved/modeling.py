@@ -100,6 +100,18 @@ class VisionEncoderDecoderModel(nnx.Module):
             return nnx.merge(graphdef, jax.jit(init)())
 
     @classmethod
+    def from_encoder_decoder_pretrained(cls, encoder_path: str | Path, decoder_path: str | Path, *,
+                                        dtype: DType = "float32", seed: int = 0,
+                                        revision: str | None = None) -> VisionEncoderDecoderModel:
+        """Warm start from a pretrained encoder and decoder (HF folders or hub ids): the new
+        cross-attention (and projection) weights are random and named in a log line; see
+        `vipllava_jax.models.ved.warm_start`."""
+        from vipllava_jax.models.ved.warm_start import from_encoder_decoder_pretrained
+
+        return from_encoder_decoder_pretrained(cls, encoder_path, decoder_path, dtype=dtype, seed=seed,
+                                               revision=revision)
+
+    @classmethod
     def abstract(cls, config: VisionEncoderDecoderConfig, *, dtype: DType = "float32",
                  param_dtype: DType | None = None) -> VisionEncoderDecoderModel:
         """The model with `jax.ShapeDtypeStruct` leaves: no memory, no compute."""
