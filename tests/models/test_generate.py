@@ -90,7 +90,7 @@ def test_cached_logits_equal_uncached_forward(llama):
     ids, pix, mask = inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]
     sampling = gen.SamplingParams.create()  # greedy, no EOS: every row runs to the end
     graphdef, params = nnx.split(model)
-    state = gen._prefill(graphdef, params, ids, pix, mask, 8, jax.random.key(0), sampling)
+    state = gen.prefill_jit(graphdef, params, ids, pix, mask, 8, jax.random.key(0), sampling)
     forced = np.random.default_rng(1).integers(3, IMAGE_TOKEN, (2, 4))  # teacher-forced tokens
     for steps in range(4):
         seq = np.concatenate([ids, forced[:, :steps]], axis=1)
@@ -101,7 +101,7 @@ def test_cached_logits_equal_uncached_forward(llama):
         assert int(state.step) == steps + 1
         # overwrite the token just picked: the next decode step feeds the forced one
         state = state.replace(tokens=state.tokens.at[:, steps].set(forced[:, steps]))
-        state = gen._decode(graphdef, params, state, sampling, np.int32(steps + 2))
+        state = gen.decode_jit(graphdef, params, state, sampling, np.int32(steps + 2))
 
 
 def test_decode_loop_runs_the_forward_pass_outside_any_conditional(llama):
@@ -115,9 +115,9 @@ def test_decode_loop_runs_the_forward_pass_outside_any_conditional(llama):
     inputs = prompts(hf.config, batch=2, seq=15)
     sampling = gen.SamplingParams.create()  # greedy, no EOS: every row runs to the end
     graphdef, params = nnx.split(model)
-    state = gen._prefill(graphdef, params, inputs["input_ids"], inputs["pixel_values"],
+    state = gen.prefill_jit(graphdef, params, inputs["input_ids"], inputs["pixel_values"],
                          inputs["attention_mask"], 8, jax.random.key(0), sampling)
-    closed = jax.make_jaxpr(gen._decode_impl, static_argnums=0)(graphdef, params, state, sampling, np.int32(8))
+    closed = jax.make_jaxpr(gen.decode_fn, static_argnums=0)(graphdef, params, state, sampling, np.int32(8))
     (loop,) = [e for e in jaxpr_eqns(closed.jaxpr) if e.primitive.name == "while"]
     body = list(jaxpr_eqns(loop.params["body_jaxpr"].jaxpr, skip=("cond",)))  # not inside branches
     conds = [e for e in body if e.primitive.name == "cond"]
@@ -181,9 +181,9 @@ def test_cpu_decode_of_larger_batches_skips_ynn_fusions(llama):
 def test_prompt_buckets_reuse_the_compiled_program(llama):
     hf, model = llama
     model.generate(**prompts(hf.config, batch=2, seq=13), max_new_tokens=4, eos_token_id=[])
-    size = gen._prefill._cache_size()
+    size = gen.prefill_jit._cache_size()
     model.generate(**prompts(hf.config, batch=2, seq=15), max_new_tokens=4, eos_token_id=[5])
-    assert gen._prefill._cache_size() == size  # 13 and 15 share the bucket of 16
+    assert gen.prefill_jit._cache_size() == size  # 13 and 15 share the bucket of 16
 
 
 def test_streaming_yields_the_same_tokens(llama):

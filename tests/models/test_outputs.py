@@ -149,26 +149,26 @@ def test_default_forward_is_the_same_program(pair, inputs):
     b, t = inputs["input_ids"].shape
     args = [jnp.asarray(inputs[k]) for k in ("input_ids", "pixel_values", "attention_mask")]
     args += [jnp.broadcast_to(jnp.arange(t), (b, t)), None]
-    default = modeling._jitted_forward.lower(graphdef, state, *args).as_text()
+    default = modeling.jitted_forward.lower(graphdef, state, *args).as_text()
     reference = jax.jit(_old_forward, static_argnums=0).lower(graphdef, state, *args).as_text()
-    strip = lambda text: text.replace("jit__old_forward", "F").replace("jit__jitted_forward", "F")
+    strip = lambda text: text.replace("jit__old_forward", "F").replace("jit_jitted_forward", "F")
     assert strip(default) == strip(reference)
     # one result (the logits) and no extra outputs when no option is set
-    lowered = modeling._jitted_forward.lower(graphdef, state, *args)
+    lowered = modeling.jitted_forward.lower(graphdef, state, *args)
     assert len(jax.tree.leaves(lowered.out_info)) == 1
     # flags left at their defaults keep the default program
-    before = modeling._jitted_outputs._cache_size()
+    before = modeling.jitted_outputs._cache_size()
     model(**inputs, output_hidden_states=False, output_attentions=False, use_cache=False)
-    assert modeling._jitted_outputs._cache_size() == before
+    assert modeling.jitted_outputs._cache_size() == before
 
 
 def test_one_program_per_flag_set(pair, inputs):
     _, model = pair
-    start = modeling._jitted_outputs._cache_size()
+    start = modeling.jitted_outputs._cache_size()
     for _ in range(2):
         model(**inputs, output_attentions=True)
         model(**inputs, output_hidden_states=True)
-    assert modeling._jitted_outputs._cache_size() - start <= 2
+    assert modeling.jitted_outputs._cache_size() - start <= 2
     out = model(**inputs, output_attentions=True)
     assert out.hidden_states is None and len(out.attentions) == 2
 

@@ -101,17 +101,17 @@ def decode(model, state: DecodeState, params: SamplingParams, stop_at) -> Decode
 # -- compiled entry points (split once, plain jax.jit) -----------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
-def _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
+def prefill_jit(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens, rng,
              sampling):
     return prefill(nnx.merge(graphdef, params_state), input_ids, pixel_values, attention_mask,
                    max_new_tokens, rng, sampling)
 
 
-def _decode_impl(graphdef, params_state, state, sampling, stop_at):
+def decode_fn(graphdef, params_state, state, sampling, stop_at):
     return decode(nnx.merge(graphdef, params_state), state, sampling, stop_at)
 
 
-_decode = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2)
+decode_jit = jax.jit(decode_fn, static_argnums=0, donate_argnums=2)
 
 # XLA:CPU hands matmuls to YNNPACK by default. In the decode loop every matmul has one row per
 # sequence; from a few rows up, XLA's own dot emitter runs them faster (docs/performance.md),
@@ -119,7 +119,7 @@ _decode = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2)
 # without YNN fusions. Elsewhere, or if this XLA does not know the option, the default runs.
 PLAIN_DOTS_FROM = 4
 _PLAIN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-decode_plain_dots = jax.jit(_decode_impl, static_argnums=0, donate_argnums=2, compiler_options=_PLAIN_DOTS)
+decode_plain_dots = jax.jit(decode_fn, static_argnums=0, donate_argnums=2, compiler_options=_PLAIN_DOTS)
 
 
 @functools.cache
@@ -133,18 +133,18 @@ def plain_dots_supported() -> bool:
 
 
 def decode_call(graphdef, params_state, state: DecodeState, sampling, stop_at) -> DecodeState:
-    """The decode loop (`_decode`), compiled for the platform and batch (see above)."""
+    """The decode loop (`decode_jit`), compiled for the platform and batch (see above)."""
     rows = state.done.shape[0]
     if jax.default_backend() == "cpu" and rows >= PLAIN_DOTS_FROM and plain_dots_supported():
         return decode_plain_dots(graphdef, params_state, state, sampling, stop_at)
-    return _decode(graphdef, params_state, state, sampling, stop_at)
+    return decode_jit(graphdef, params_state, state, sampling, stop_at)
 
 
 def run_generate(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
                  sampling, rng) -> jax.Array:
     """Prefill, then decode to the end: the new tokens `[B, max_new_tokens]` (device arrays
     in, no input checks or bucketing; `generate` does those)."""
-    state = _prefill(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
+    state = prefill_jit(graphdef, params_state, input_ids, pixel_values, attention_mask, max_new_tokens,
                      rng, sampling)
     return decode_call(graphdef, params_state, state, sampling, np.int32(max_new_tokens)).tokens
 
@@ -318,7 +318,7 @@ def _stream(model, ids_b, pixels, mask_b, sampling, rng, max_new_tokens, chunk: 
             stopper: StopStrings | None = None) -> Iterator[np.ndarray]:
     """Prefill, then the same decode loop `chunk` steps per call (the state is donated)."""
     graphdef, params = nnx.split(model)
-    state = _prefill(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling)
+    state = prefill_jit(graphdef, params, ids_b, pixels, mask_b, max_new_tokens, rng, sampling)
     emitted = 0
     while emitted < max_new_tokens:
         stop = np.int32(min(emitted + chunk, max_new_tokens))

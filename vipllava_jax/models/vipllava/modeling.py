@@ -261,7 +261,7 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         if any(isinstance(a, jax.core.Tracer) for a in args):
             return self.forward(*args)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
+        return jitted_forward(graphdef, state, *(None if a is None else jnp.asarray(a) for a in args))
 
     def _call_with_options(self, input_ids, pixel_values, attention_mask, position_ids, labels, *,
                            inputs_embeds=None, vision_feature_layer=None, vision_feature_layers=None,
@@ -309,7 +309,7 @@ class VipLlavaForConditionalGeneration(nnx.Module):
                                              past_key_values=past_key_values, **opts)
         args = jax.tree.map(jnp.asarray, args)
         graphdef, state = nnx.split(self)
-        return _jitted_outputs(graphdef, state, *args, tuple(sorted(opts.items())))
+        return jitted_outputs(graphdef, state, *args, tuple(sorted(opts.items())))
 
     def _check_feature_layers(self, layers) -> tuple[int, ...] | None:
         if layers is None:
@@ -471,12 +471,12 @@ class VipLlavaForConditionalGeneration(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jitted_forward(graphdef, state, *args) -> VipLlavaOutput:
+def jitted_forward(graphdef, state, *args) -> VipLlavaOutput:
     return nnx.merge(graphdef, state).forward(*args)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 9))
-def _jitted_outputs(graphdef, state, input_ids, pixel_values, attention_mask, position_ids, labels,
+def jitted_outputs(graphdef, state, input_ids, pixel_values, attention_mask, position_ids, labels,
                     inputs_embeds, past_key_values, options) -> VipLlavaOutput:
     """`forward_with_options`, one compiled program per `options` (sorted (name, value) pairs)."""
     return nnx.merge(graphdef, state).forward_with_options(
