@@ -42,10 +42,10 @@ def ved_config(encoder="vit", decoder="gpt2", dec_hidden=32, tied=True, type_voc
     from transformers import BeitConfig, BertConfig, DeiTConfig, GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     extra = dict(extra or {})
-    if encoder == "swin":  # 8x8 patches, window 4: stage 0 shifts, stage 1 is one 4x4 window; 16 -> 32 wide
-        from transformers import SwinConfig
+    if encoder in ("swin", "donut-swin"):  # 8x8 patches, window 4: stage 0 shifts, stage 1 is one 4x4 window; 16 -> 32 wide
+        from transformers import DonutSwinConfig, SwinConfig
 
-        enc = SwinConfig(**{**dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+        enc = (SwinConfig if encoder == "swin" else DonutSwinConfig)(**{**dict(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
                                    window_size=4), **extra.pop("encoder", {})})
     else:
         enc_cls = {"vit": ViTConfig, "deit": DeiTConfig, "beit": BeitConfig}[encoder]
@@ -118,6 +118,7 @@ NON_SQUARE = {
         "image_size": [32, 48], "use_relative_position_bias": True}}),
     # Donut's shape: a wide Swin (8x12 patches, 4x6 after merging) and an mBART decoder
     "swin_mbart_wide": ("swin", "mbart", 32, True, 2, {"encoder": {"image_size": [32, 48]}}),
+    "donut_mbart_wide": ("donut-swin", "mbart", 32, True, 2, {"encoder": {"image_size": [32, 48]}}),  # no final norm
 }
 
 

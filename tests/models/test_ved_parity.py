@@ -117,7 +117,7 @@ def test_swin_stage_smaller_than_its_window_is_a_one_line_error():
             {"model_type": "vision-encoder-decoder", "encoder": encoder, "decoder": decoder})
 
 
-@pytest.mark.parametrize("name", ["vit_gpt2_wide", "beit_trocr_wide", "swin_mbart_wide"])
+@pytest.mark.parametrize("name", ["vit_gpt2_wide", "beit_trocr_wide", "swin_mbart_wide", "donut_mbart_wide"])
 def test_non_square_images(tmp_path, name):
     """`image_size: [height, width]` (Donut's are wide): the patch grid, position tables, BEiT's
     bias windows and Swin's stage grids follow both sides; square pixels are refused."""
@@ -133,7 +133,7 @@ def test_non_square_images(tmp_path, name):
     assert abs(float(out.loss) - float(ref.loss)) <= ATOL
     with pytest.raises(VipLlavaError, match=r"pixel_values must be \[batch, 3, 32, 48\]"):
         model(images(), labels=labels)
-    if name == "swin_mbart_wide":
+    if name.endswith("mbart_wide"):
         kw = dict(max_new_tokens=8, pad_token_id=PAD, decoder_start_token_id=START, num_beams=3)
         with torch.no_grad():
             want = hf.generate(torch.tensor(px), do_sample=False, **kw).numpy()

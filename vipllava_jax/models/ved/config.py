@@ -1,7 +1,7 @@
 """Configs of a VisionEncoderDecoder model, read from transformers' `config.json`.
 
 A VED `config.json` (model_type `vision-encoder-decoder`) nests the encoder's and the
-decoder's own configs. Supported here: encoder `vit`, `deit`, `beit` or `swin` (square or
+decoder's own configs. Supported here: encoder `vit`, `deit`, `beit`, `swin` or `donut-swin` (square or
 `[height, width]` images, square patches); decoder `gpt2`, `bert`,
 `roberta`, `trocr`, `bart` or `mbart` (with `is_decoder` and `add_cross_attention`, as VED
 sets them). The sub-configs may
@@ -53,6 +53,7 @@ _SEQ2SEQ_DEFAULTS = dict(
 )
 _TROCR_DEFAULTS = {**_SEQ2SEQ_DEFAULTS, "max_position_embeddings": 512, "use_learned_position_embeddings": True,
                    "layernorm_embedding": True, "cross_attention_hidden_size": None}
+SWIN_TYPES = ("swin", "donut-swin")  # Donut's is Swin without the final layernorm
 DECODER_TYPES = ("gpt2", "bert", "roberta", "trocr", "bart", "mbart")
 
 
@@ -151,7 +152,7 @@ class ViTConfig:
 
     @property
     def seq_len(self) -> int:
-        if self.model_type == "swin":  # the last stage's grid, halved (rounding up) per merge
+        if self.model_type in SWIN_TYPES:  # the last stage's grid, halved (rounding up) per merge
             gh, gw = (-(-x // self.patch_size) for x in self.image_hw)
             for _ in self.depths[1:]:
                 gh, gw = (gh + 1) // 2, (gw + 1) // 2
@@ -162,11 +163,11 @@ class ViTConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ViTConfig:
         model_type = d.get("model_type")
-        if model_type == "swin":
-            return cls._from_swin(d)
+        if model_type in SWIN_TYPES:
+            return cls._from_swin(d, model_type)
         if model_type not in ("vit", "deit", "beit"):
             raise ConfigError(
-                f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit', 'swin')")
+                f"unsupported encoder model_type {model_type!r} (supported: 'vit', 'deit', 'beit', 'swin', 'donut-swin')")
         beit = model_type == "beit"
         v = {**_VIT_DEFAULTS, **(_BEIT_DEFAULTS if beit else {}), **d}
         if beit and v["use_absolute_position_embeddings"] and _image_size(v["image_size"])[1] is not None:
@@ -195,7 +196,7 @@ class ViTConfig:
         )
 
     @classmethod
-    def _from_swin(cls, d: dict[str, Any]) -> ViTConfig:
+    def _from_swin(cls, d: dict[str, Any], model_type: str) -> ViTConfig:
         v = {**dict(image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2],
                     num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, hidden_act="gelu",
                     use_absolute_embeddings=False, layer_norm_eps=1e-5), **d}
@@ -216,7 +217,7 @@ class ViTConfig:
             gh, gw = (gh + 1) // 2, (gw + 1) // 2
         hidden = v["embed_dim"] * 2 ** (len(depths) - 1)
         return cls(
-            model_type="swin", hidden_size=hidden, num_hidden_layers=sum(depths), num_attention_heads=heads[-1],
+            model_type=model_type, hidden_size=hidden, num_hidden_layers=sum(depths), num_attention_heads=heads[-1],
             intermediate_size=int(v["mlp_ratio"] * hidden), hidden_act=v["hidden_act"],
             layer_norm_eps=v["layer_norm_eps"], image_size=image, image_width=width, patch_size=patch,
             num_channels=v["num_channels"],

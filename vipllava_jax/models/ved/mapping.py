@@ -31,7 +31,7 @@ PREFIXES = ("encoder.", "enc_to_dec_proj.", "decoder.")
 # Buffers older writers saved: GPT-2's causal-mask `attn.bias` / `attn.masked_bias`, BERT's
 # position / token-type id ranges, BEiT's relative position index.
 IGNORED = re.compile(r"(\.(attn|crossattention)\.(bias|masked_bias)|embeddings\.(position_ids|token_type_ids)"
-                     r"|relative_position_bias\.relative_position_index)$")
+                     r"|\.relative_position_index)$")
 TIED = ("decoder.lm_head.weight", "decoder.cls.predictions.decoder.weight", "decoder.cls.predictions.decoder.bias",
         "decoder.output_projection.weight", "decoder.lm_head.decoder.weight", "decoder.lm_head.decoder.bias")
 

@@ -38,7 +38,7 @@ from vipllava_jax.models.ved.swin import SwinModel
 from vipllava_jax.nn.layers import DType, check_attention, linear
 from vipllava_jax.nn.losses import IGNORE_INDEX, token_nll
 
-ENCODERS = {"beit": BeitModel, "swin": SwinModel}  # ViT otherwise (vit, deit)
+ENCODERS = {"beit": BeitModel, "swin": SwinModel, "donut-swin": SwinModel}  # ViT otherwise (vit, deit)
 DECODERS = {"gpt2": GPT2LMHeadModel, "bert": BertLMHeadModel, "roberta": RobertaForCausalLM,
             "trocr": BartForCausalLM, "bart": BartForCausalLM, "mbart": BartForCausalLM}
 

@@ -1,4 +1,5 @@
-"""The Swin image encoder of a VisionEncoderDecoder model (Donut's).
+"""The Swin image encoder of a VisionEncoderDecoder model (and Donut's `donut-swin`: the same
+without the final layernorm).
 
     pixel_values [B, C, H, W] --patch conv (pixels zero-padded to a patch multiple), norm
     (+ absolute positions when configured)--> [B, h*w, D] --stage i: blocks at width D * 2**i,
@@ -192,7 +193,8 @@ class SwinModel(nnx.Module):
         self.config = cfg
         self.embeddings = SwinEmbeddings(cfg, **kw)
         self.encoder = SwinEncoder(cfg, **kw)
-        self.layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.layernorm = None if cfg.model_type == "donut-swin" else LayerNorm(  # Donut's has none
+            cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         x, hw = self.embeddings(pixel_values)
@@ -202,4 +204,4 @@ class SwinModel(nnx.Module):
             if stage.downsample is not None:
                 x = stage.downsample(x, hw)
                 hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-        return self.layernorm(x)
+        return x if self.layernorm is None else self.layernorm(x)
