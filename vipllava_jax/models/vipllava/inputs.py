@@ -56,3 +56,16 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, name: str, allowed: int | 
         raise VipLlavaError(
             f"{name} holds token id {int(first)} ({int(bad.sum())} out of range): ids must be in "
             f"[0, {vocab_size}) for this model's vocabulary")
+
+
+def check_feature_layers(config: VipLlavaConfig, layers) -> tuple[int, ...] | None:
+    """A per-call `vision_feature_layer`, as a tuple (None: the config's)."""
+    if layers is None:
+        return None
+    layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(int(i) for i in layers)
+    want = len(config.feature_layer_indices)
+    n = config.vision_config.num_hidden_layers
+    if len(layers) != want or not all(-(n + 1) <= i <= n for i in layers):
+        raise VipLlavaError(f"vision_feature_layer must be {want} index(es) in [-{n + 1}, {n}] "
+                            f"(the projector takes {want} layers), got {layers}")
+    return layers

@@ -27,11 +27,12 @@ from vipllava_jax.models.vipllava import original
 from vipllava_jax.models.vipllava.clip import CLIPVisionModel
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.models.vipllava.generate import generate, generate_stream
-from vipllava_jax.models.vipllava.inputs import check_inputs
+from vipllava_jax.models.vipllava.inputs import check_feature_layers, check_inputs
 from vipllava_jax.models.vipllava.llama import LlamaModel, LlamaOutput
 from vipllava_jax.models.vipllava.mapping import VIPLLAVA
 from vipllava_jax.models.vipllava.prefix import Cache, check_room, extend_cache, new_cache
-from vipllava_jax.nn.layers import DType, LayerNorm, activation, check_attention, linear
+from vipllava_jax.models.vipllava.projector import VipLlavaMultiModalProjector, merge_image_features
+from vipllava_jax.nn.layers import DType, check_attention, linear
 from vipllava_jax.nn.losses import causal_lm_loss, token_nll
 
 
@@ -46,44 +47,6 @@ class VipLlavaOutput:
     attentions: tuple[jax.Array, ...] | None = None  # output_attentions: L x [B, N, T, T]
     image_hidden_states: jax.Array | None = None  # output_image_hidden_states: [B_img, N, D]
     past_key_values: Cache | None = None  # use_cache / past_key_values: the extended cache
-
-
-
-class VipLlavaMultiModalProjector(nnx.Module):
-    """LayerNorm -> linear_1 -> GELU (exact) -> linear_2 over concatenated vision layers."""
-
-    def __init__(self, cfg: VipLlavaConfig, *, dtype: DType, param_dtype: DType, rngs: nnx.Rngs):
-        din = len(cfg.feature_layer_indices) * cfg.vision_config.hidden_size
-        d = cfg.text_config.hidden_size
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.projector_layernorm = LayerNorm(
-            din, eps=cfg.projector_layernorm_eps, dtype=dtype, param_dtype=param_dtype
-        )
-        self.linear_1 = linear(din, d, ("vision_features", "embed"), **kw)
-        self.act = activation(cfg.projector_hidden_act)
-        self.linear_2 = linear(d, d, ("mlp", "embed"), **kw)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(self.act(self.linear_1(self.projector_layernorm(x))))
-
-
-def merge_image_features(
-    input_ids: jax.Array, inputs_embeds: jax.Array, image_features: jax.Array, image_token: int
-) -> jax.Array:
-    """Puts the k-th image feature at the k-th image-token position (row-major over the batch).
-
-    Static shapes: a cumulative count turns each image-token position into its feature's index.
-    `check_inputs` rejects a count mismatch on concrete inputs; under a caller's trace it
-    cannot, so a mismatch there turns the embeddings into NaN (a NaN loss), never a silent fix.
-    """
-    b, t, d = inputs_embeds.shape
-    is_image = input_ids == image_token  # [B, T]
-    index = jnp.cumsum(is_image.reshape(-1)) - 1  # [B*T]
-    features = image_features.reshape(-1, d).astype(inputs_embeds.dtype)  # [B_img*N, D]
-    gathered = features[jnp.clip(index, 0, features.shape[0] - 1)].reshape(b, t, d)
-    merged = jnp.where(is_image[..., None], gathered, inputs_embeds)
-    counts_agree = jnp.sum(is_image) == features.shape[0]
-    return jnp.where(counts_agree, merged, jnp.nan)
 
 
 class VipLlavaForConditionalGeneration(nnx.Module):
@@ -273,7 +236,7 @@ class VipLlavaForConditionalGeneration(nnx.Module):
             if vision_feature_layer is not None:
                 raise VipLlavaError("give vision_feature_layer or vision_feature_layers, not both")
             vision_feature_layer = vision_feature_layers
-        layers = self._check_feature_layers(vision_feature_layer)
+        layers = check_feature_layers(self.config, vision_feature_layer)
         if (input_ids is None) == (inputs_embeds is None):
             raise VipLlavaError("give exactly one of input_ids and inputs_embeds")
         shape = np.shape(input_ids if inputs_embeds is None else inputs_embeds)[:2]
@@ -310,17 +273,6 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         args = jax.tree.map(jnp.asarray, args)
         graphdef, state = nnx.split(self)
         return jitted_outputs(graphdef, state, *args, tuple(sorted(opts.items())))
-
-    def _check_feature_layers(self, layers) -> tuple[int, ...] | None:
-        if layers is None:
-            return None
-        layers = (layers,) if isinstance(layers, (int, np.integer)) else tuple(int(i) for i in layers)
-        want = len(self.config.feature_layer_indices)
-        n = self.config.vision_config.num_hidden_layers
-        if len(layers) != want or not all(-(n + 1) <= i <= n for i in layers):
-            raise VipLlavaError(f"vision_feature_layer must be {want} index(es) in [-{n + 1}, {n}] "
-                                f"(the projector takes {want} layers), got {layers}")
-        return layers
 
     def _check_embeds(self, inputs_embeds, pixel_values, attention_mask, labels) -> None:
         """`check_inputs` for `inputs_embeds`: shapes, and the image positions (rows equal to
