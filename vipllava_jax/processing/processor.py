@@ -33,6 +33,7 @@ from vipllava_jax.processing.images import (  # noqa: F401  (public here too)
     load_image,
     quiet_transformers,
 )
+from vipllava_jax.processing.prompts import build_prompt
 from vipllava_jax.processing.visual_prompts import VisualPrompt, crop_cuts_marker, draw_visual_prompts
 
 
@@ -206,6 +207,11 @@ class VipLlavaProcessor:
                 f"the tokenizer maps {self.image_token!r} to {self.image_token_id} but the model's "
                 f"image_token_index is {config.image_token_index}"
             )
+
+    def apply_chat_template(self, messages, *, template: str = "vipllava") -> str:
+        """transformers' chat messages as this model's prompt (`prompts.build_prompt`), ending
+        where the assistant's answer starts when the last message is the user's."""
+        return build_prompt(messages, template=template, image_token=self.image_token)
 
     def __call__(
         self,

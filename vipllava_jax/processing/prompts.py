@@ -52,7 +52,9 @@ def build_prompt(
     """Builds a chat prompt; the last turn's answer is usually None (the model writes it).
 
     Args:
-        turns: a single question, or a list of turns, each a question string, a
+        turns: a single question; transformers' chat messages (`[{"role": "user", "content":
+            [{"type": "image"}, {"type": "text", "text": ...}]}, {"role": "assistant", ...}]`,
+            see `turns_from_messages`); or a list of turns, each a question string, a
             `(question, answer_or_None)` pair, or a dict `{"user": str, "assistant": str | None,
             "image": bool | int}`. `image` (the number of `<image>` placeholders put before the
             question, each followed by a newline) defaults to 1 for the first turn and 0 for
@@ -75,6 +77,8 @@ def build_prompt(
         turns = [turns]
     if not turns:
         raise VipLlavaError("build_prompt needs at least one turn")
+    if isinstance(turns[0], Mapping) and "role" in turns[0]:
+        turns = turns_from_messages(turns)
     user, assistant = style.roles
     out = style.system + style.seps[0]
     for i, turn in enumerate(turns):
@@ -84,6 +88,30 @@ def build_prompt(
         out += f"{user}: {(image_token + chr(10)) * n_images}{question}{style.seps[0]}"
         out += f"{assistant}:" if answer is None else f"{assistant}: {answer}{style.seps[1]}"
     return out
+
+
+def turns_from_messages(messages: Sequence[Mapping[str, object]]) -> list[dict[str, object]]:
+    """transformers' chat messages -> `build_prompt` turns: each user message (its `{"type":
+    "image"}` items become that many `<image>` placeholders, its text items joined by spaces)
+    with the assistant message after it, if any. A "system" message is refused: the template
+    has its own system text."""
+    turns: list[dict[str, object]] = []
+    for i, message in enumerate(messages):
+        role, content = message.get("role"), message.get("content")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, Sequence) or not all(isinstance(c, Mapping) for c in content):
+            raise VipLlavaError(f"message {i}: content must be a string or a list of {{'type': ...}} items")
+        text = " ".join(str(c.get("text", "")) for c in content if c.get("type") == "text")
+        images = sum(c.get("type") == "image" for c in content)
+        if role == "user":
+            turns.append({"user": text, "assistant": None, "image": images})
+        elif role == "assistant" and turns and turns[-1]["assistant"] is None:
+            turns[-1]["assistant"] = text
+        else:
+            raise VipLlavaError(f"message {i}: expected a 'user' message"
+                                f"{' or the assistant answer' if turns else ''}, got role {role!r}")
+    return turns
 
 
 def _parse_turn(turn: Turn, first: bool) -> tuple[str, str | None, int]:
