@@ -121,7 +121,7 @@ def _conversation_inputs(config, rng) -> dict[str, np.ndarray]:
 
 def _caption_inputs(config, rng) -> dict[str, np.ndarray]:
     enc = config.encoder
-    pixels = rng.standard_normal((2, enc.num_channels, enc.image_size, enc.image_size)).astype(np.float32)
+    pixels = rng.standard_normal((2, enc.num_channels, *enc.image_hw)).astype(np.float32)
     ids = rng.integers(3, config.decoder.vocab_size, (2, 6))
     return {"pixel_values": pixels, "decoder_input_ids": ids}
 

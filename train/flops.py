@@ -25,14 +25,15 @@ def device_peak_tflops(device) -> float | None:
     return None
 
 
-# Embedding tables (VipLlava, CLIP, GPT-2, BERT, ViT names): lookups, not matmuls.
+# Embedding and bias tables (VipLlava, CLIP, GPT-2, BERT, ViT, BART/TrOCR, BEiT/Swin names): lookups, not matmuls.
 _LOOKUPS = ("embed_tokens", "position_embedding", "wte", "wpe", "word_embeddings", "token_type_embeddings",
-            "cls_token", "distillation_token")
+            "cls_token", "distillation_token", "embed_positions", "relative_position_bias_table",
+            "mask_token")
 
 
 _WORD_EMBEDDINGS = ("embed_tokens", "wte", "word_embeddings")  # a tied head's weight
-# A VED decoder's cross-attention keys and values (GPT-2, BERT): they run on encoder tokens.
-_CROSS_KV = re.compile(r"'crossattention'\]\['(c_attn|self'\]\['(key|value))'")
+# A VED decoder's cross-attention keys and values (GPT-2, BERT, BART/mBART/TrOCR): they run on encoder tokens.
+_CROSS_KV = re.compile(r"'crossattention'\]\['(c_attn|self'\]\['(key|value))'|'encoder_attn'\]\['(k_proj|v_proj)'")
 
 
 def _is_lookup(path: str) -> bool:

@@ -277,7 +277,7 @@ def data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
             raise TrainingError(f"{cfg.model}: the config has no eos_token_id to end captions with")
         return CaptionDataLoader(
             cfg.data, cfg.image_folder, AutoTokenizer.from_pretrained(cfg.model),
-            image_preprocessor(cfg.model, model_config.encoder.image_size), options, eos_token_id=eos)
+            image_preprocessor(cfg.model, model_config.encoder.image_hw), options, eos_token_id=eos)
     processor = VipLlavaProcessor.from_pretrained(cfg.model, pad_to_square=cfg.image_aspect_ratio == "pad")
     return TrainDataLoader(cfg.data, cfg.image_folder, processor, options, template=cfg.template)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -110,7 +111,7 @@ def _vipllava_image_side(config: VipLlavaConfig) -> ImageSide:
 
 def _ved_image_side(config: VisionEncoderDecoderConfig) -> ImageSide:
     enc = config.encoder
-    patches = (enc.image_size // enc.patch_size) ** 2
+    patches = math.prod(enc.patch_grid)  # height x width patches (Donut's pages are wide)
     return ImageSide({"encoder": enc.seq_len, "enc_to_dec_proj": enc.seq_len}, patches, enc,
                      "enc_to_dec_proj", cross_tokens=enc.seq_len)
 

@@ -32,7 +32,7 @@ def _pil_class(name: str):
     return cls
 
 
-def image_preprocessor(path: str | Path, image_size: int) -> Callable[[PIL.Image.Image], np.ndarray]:
+def image_preprocessor(path: str | Path, image_size: int | tuple[int, int]) -> Callable[[PIL.Image.Image], np.ndarray]:
     """RGB PIL image -> `[3, H, W]` float32, as the checkpoint at `path` (a folder or a hub
     id) expects."""
     path = hub.resolve(path)
@@ -41,7 +41,8 @@ def image_preprocessor(path: str | Path, image_size: int) -> Callable[[PIL.Image
         name = json.loads(file.read_text()).get("image_processor_type", "ViTImageProcessor")
         processor = _pil_class(name).from_pretrained(path)
     else:
-        processor = _pil_class("ViTImageProcessor")(size={"height": image_size, "width": image_size})
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        processor = _pil_class("ViTImageProcessor")(size={"height": height, "width": width})
 
     return functools.partial(_preprocess, processor)  # a partial pickles (loader worker processes)
 
