@@ -1,7 +1,10 @@
-"""`vipllava-eval`: answer a LLaVA-format question set and score it (logic: vipllava_jax.evaluation.evaluate).
+"""`vipllava-eval`: answer a question set and score it (logic: vipllava_jax.evaluation.evaluate).
 
 Without --model and --data it scores the embedded tiny model on its held-out test split, with
-the images beside it. jax loads only after the arguments parse, so --help is fast."""
+the images beside it. The format is told from the first record: LLaVA conversations; ViP-Bench's
+questions.jsonl (answers written for its grader with --out, not scored here); ViP-LLaVA-Instruct
+v7w / pointQA_twice region records (marked on the fly, scored by letter or exact match).
+jax loads only after the arguments parse, so --help is fast."""
 
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Orbax folder from vipllava-convert, or an HF folder with its tokenizer "
                    "(default: the embedded tiny model, %(default)s)")
     p.add_argument("--data", default=str(EMBEDDED_TEST_SPLIT),
-                   help="LLaVA-format JSON or JSONL: each record's image and first human/gpt turn "
+                   help="JSON or JSONL question set: LLaVA conversations, ViP-Bench questions "
+                   "(question_id, image, text) or v7w / pointQA_twice region records "
                    "(default: the embedded model's test split, %(default)s)")
     p.add_argument("--image-folder", help="where the records' images are (default: the data file's folder)")
     p.add_argument("--batch-size", type=int, default=32,
@@ -35,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype of the model (default: %(default)s; bfloat16 halves memory)")
     p.add_argument("--limit", type=int, help="only the first N records (N >= 1)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="markers of region records: record i is drawn with seed (seed, i) "
+                   "(default: %(default)s)")
     p.add_argument("--out", help="write the predictions here as JSONL (a file, checked before any answer)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
@@ -44,21 +51,27 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.seed < 0:
+        return _fail(f"--seed must be >= 0, got {args.seed}")
     if args.out is not None and Path(args.out).is_dir():
         return _fail(f"--out {args.out} is a folder; give a file name")
 
     from vipllava_jax.evaluation.evaluate import evaluate, format_table
 
     try:
-        summary, _ = evaluate(
+        summary, rows = evaluate(
             args.model, args.data, image_folder=args.image_folder, batch_size=args.batch_size,
             max_new_tokens=args.max_new_tokens, template=args.template, dtype=args.dtype,
-            limit=args.limit, out=args.out, progress=not args.no_progress,
+            limit=args.limit, out=args.out, progress=not args.no_progress, seed=args.seed,
         )
     except (VipLlavaError, OSError) as e:
         print(f"vipllava-eval: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(summary))
+    if summary is None:
+        print(f"answered {len(rows)} ViP-Bench questions (scored by ViP-Bench's grader)"
+              + ("" if args.out else "; give --out to keep the answers"))
+    else:
+        print(format_table(summary))
     if args.out:
         print(f"predictions -> {args.out}")
     return 0

@@ -1,6 +1,18 @@
-"""Evaluation on a LLaVA-format question set: batched greedy answers, scores, a table.
+"""Evaluation on a question set: batched greedy answers, scores, a table.
 
-    records (JSON/JSONL: first human turn = question, first gpt turn = reference)
+Three input formats, told apart by the first record's keys (`detect_format`):
+
+- "llava": `conversations` (first human turn = question, first gpt turn = reference);
+- "vip-bench": ViP-Bench's `questions.jsonl` (`question_id`, `image`, `text`: a question about an
+  already-marked image, no reference); the answers are written as LLaVA's `model_vqa` writes
+  them (`question_id`, `prompt`, `text`, `answer_id`, `model_id`, `metadata`), which is what
+  ViP-Bench's grader reads; nothing is scored here;
+- "regions": ViP-LLaVA-Instruct's v7w / pointQA_twice records (`id`, `image`, `bboxes`,
+  `question`, `answer`, no conversations): each is marked on the fly by
+  `processing.regions.mark_record` (its own seed) into a question and a reference (a letter for
+  v7w), then scored as the "llava" format.
+
+    records
       --VipLlavaProcessor (the model folder's tokenizer)--> left-padded batches
       --model.generate (greedy)--> answers, cut at the template's separator
       --score--> exact match after normalising (strip, lowercase, trailing period), or, when
@@ -17,6 +29,7 @@ import dataclasses
 import json
 import re
 import sys
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,6 +48,33 @@ class Question:
     reference: str
     category: str = "all"
     pair: str | None = None
+    question_id: Any = None  # ViP-Bench's id, written back as given
+    record: dict[str, Any] | None = None  # a region record, marked when its image is loaded
+    seed: tuple[int, int] = (0, 0)  # a region record's markers: (run seed, record index)
+
+
+FORMATS = ("llava", "vip-bench", "regions")
+REGION_DATASETS = ("v7w", "pointQA_twice")
+
+
+def detect_format(record: Any) -> str:
+    """The question-set format of a file, from its first record's keys (see the module doc)."""
+    from vipllava_jax.processing.regions import dataset_of
+
+    if not isinstance(record, dict):
+        return "llava"
+    if "question_id" in record and "text" in record and "conversations" not in record:
+        return "vip-bench"
+    if "bboxes" in record and not record.get("conversations") and dataset_of(record) in REGION_DATASETS:
+        return "regions"
+    return "llava"
+
+
+def letter_of(text: str) -> str | None:
+    """The letter a multiple-choice answer gives, as `score` reads it: its first letter,
+    uppercased (None without one)."""
+    m = re.search(r"[A-Za-z]", text)
+    return m.group(0).upper() if m else None
 
 
 def normalize(text: str) -> str:
@@ -51,25 +91,17 @@ def score(prediction: str, reference: str) -> bool:
     """Exact match after `normalize`; for a letter reference, the prediction's first letter."""
     if is_letter_reference(reference):
         want = re.search(r"[A-Da-d]", reference).group(0).upper()
-        first = re.search(r"[A-Za-z]", prediction)
-        return first is not None and first.group(0).upper() == want
+        return letter_of(prediction) == want
     return normalize(prediction) == normalize(reference)
 
 
-def load_questions(
-    path: str | Path, image_folder: str | Path | None = None, image_token: str = "<image>"
-) -> list[Question]:
-    """The first question/answer turn of each record of a LLaVA-format JSON or JSONL file.
-
-    Args:
-        path: the file; `image` paths are relative to `image_folder` (default: its folder).
+def read_records(path: str | Path) -> list[Any]:
+    """The records of a JSON list or JSONL file.
 
     Raises:
-        VipLlavaError: unreadable file, or a record without an image or a question/answer pair
-            (the message names the record).
+        VipLlavaError: unreadable file or invalid JSON (one line).
     """
     path = Path(path)
-    folder = Path(image_folder) if image_folder is not None else path.parent
     try:
         raw = path.read_text()
     except OSError as e:
@@ -83,9 +115,49 @@ def load_questions(
         raise VipLlavaError(f"{path}: invalid JSON: {e}") from None
     if not isinstance(records, list):
         raise VipLlavaError(f"{path}: expected a list of records, got {type(records).__name__}")
+    return records
+
+
+def load_questions(
+    path: str | Path, image_folder: str | Path | None = None, image_token: str = "<image>",
+    *, limit: int | None = None, seed: int = 0,
+) -> list[Question]:
+    """The questions of a question set in any of `FORMATS` (told by `detect_format`).
+
+    Args:
+        path: the file; `image` paths are relative to `image_folder` (default: its folder).
+        limit: only the first N records.
+        seed: region records are marked with `np.random.default_rng([seed, record index])`, so
+            a record's markers do not depend on the others.
+
+    Raises:
+        VipLlavaError: unreadable file, or a record without what its format needs (the
+            message names the record).
+    """
+    path = Path(path)
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    records = read_records(path)[:limit]
+    fmt = detect_format(records[0]) if records else "llava"
     out = []
     for i, r in enumerate(records):
-        conv = r.get("conversations") if isinstance(r, dict) else None
+        if not isinstance(r, dict):
+            raise VipLlavaError(f"{path} record {i}: expected an object, got {type(r).__name__}")
+        if fmt == "vip-bench":
+            if not r.get("image") or not isinstance(r.get("text"), str) or "question_id" not in r:
+                raise VipLlavaError(f"{path} record {i}: a ViP-Bench question needs question_id, image and text")
+            out.append(Question(id=str(r["question_id"]), image=str(folder / r["image"]),
+                                question=r["text"].replace(image_token, "").strip(), reference=None,
+                                question_id=r["question_id"]))
+            continue
+        if fmt == "regions":
+            if not r.get("image"):
+                raise VipLlavaError(f"{path} record {i}: needs an image")
+            # question and reference are filled in when the record is marked (`mark_question`)
+            out.append(Question(id=str(r.get("id", i)), image=str(folder / r["image"]), question="",
+                                reference="", category=str(r["id"]).split("-")[0], record=r,
+                                seed=(seed, i)))
+            continue
+        conv = r.get("conversations")
         if conv is not None and not (
             isinstance(conv, list) and all(isinstance(m, dict) and isinstance(m.get("value"), str)
                                            for m in conv)
@@ -104,6 +176,30 @@ def load_questions(
             category=str(r.get("category", "all")), pair=r.get("pair"),
         ))
     return out
+
+
+def mark_question(q: Question, image_token: str = "<image>") -> tuple[Question, Any]:
+    """A region question marked: `(the question with its text and reference, the marked image)`;
+    other questions come back as they are, with their image path.
+
+    Raises:
+        VipLlavaError: the record's regions or fields are malformed (the message names it).
+    """
+    if q.record is None:
+        return q, q.image
+    import numpy as np
+
+    from vipllava_jax.processing.images import load_image
+    from vipllava_jax.processing.regions import mark_record
+
+    try:
+        image, conv = mark_record(q.record, load_image(q.image), np.random.default_rng(list(q.seed)))
+    except VipLlavaError as e:
+        raise VipLlavaError(f"record {q.id}: {e}") from None
+    question = next(m["value"] for m in conv if m["from"] == "human")
+    reference = next(m["value"] for m in conv if m["from"] == "gpt")
+    return dataclasses.replace(q, question=question.replace(image_token, "").strip(),
+                               reference=reference), image
 
 
 def summarize(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -195,14 +291,16 @@ def evaluate(
     model_dir: str | Path, data: str | Path, *, image_folder: str | Path | None = None,
     batch_size: int = 32, max_new_tokens: int = 16, template: str = "vipllava",
     dtype: str = "float32", limit: int | None = None, out: str | Path | None = None,
-    model=None, processor=None, progress: bool = False,
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    model=None, processor=None, progress: bool = False, seed: int = 0,
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Answers every question of `data` with the model in `model_dir` and scores them.
 
     Args:
         model_dir: an Orbax folder (or HF folder) holding the tokenizer files.
-        data: LLaVA-format JSON/JSONL; `limit` keeps its first N records.
-        out: if given, the predictions are written there as JSONL.
+        data: a question set (JSON/JSONL) in one of `FORMATS`; `limit` keeps its first N records.
+        out: if given, the predictions are written there as JSONL (for ViP-Bench, its
+            grader's answers file: one record per question, in question order).
+        seed: the markers of region records (`load_questions`).
         model, processor: already loaded ones (then `model_dir` is not read).
         progress: show a progress bar (batches) on stderr.
 
@@ -211,7 +309,9 @@ def evaluate(
             before any answer is computed).
 
     Returns:
-        (`summarize`'s dict, the prediction rows).
+        (`summarize`'s dict, the prediction rows); for region records of multiple choice the
+        rows and the summary's `letters` give each record's reference and predicted letter;
+        for ViP-Bench the summary is None (its grader scores the answers).
     """
     from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
     from vipllava_jax.processing.processor import VipLlavaProcessor
@@ -229,21 +329,42 @@ def evaluate(
             open(out, "a").close()
         except OSError as e:
             raise VipLlavaError(f"cannot write the predictions to {out}: {e}") from None
-    questions = load_questions(data, image_folder)[:limit]
+    questions = load_questions(data, image_folder, limit=limit, seed=seed)
+    if not questions:
+        raise VipLlavaError(f"{data}: no records")
+    marked = [mark_question(q) for q in questions]  # region records: drawn here, once
+    questions, images = [m[0] for m in marked], [m[1] for m in marked]
     processor = processor or VipLlavaProcessor.from_pretrained(model_dir)
     model = model or VipLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
     predictions = generate_answers(
-        model, processor, [q.question for q in questions], [q.image for q in questions],
+        model, processor, [q.question for q in questions], images,
         batch_size=min(batch_size, len(questions)),
         max_new_tokens=max_new_tokens, template=template, progress=progress,
     )
-    rows = [
-        {"id": q.id, "category": q.category, "pair": q.pair, "question": q.question,
-         "reference": q.reference, "prediction": p, "correct": score(p, q.reference)}
-        for q, p in zip(questions, predictions)
-    ]
+    if questions[0].question_id is not None:  # ViP-Bench: its grader's answers file, unscored
+        model_id = Path(model_dir).name if model_dir else "vipllava"
+        rows = [
+            {"question_id": q.question_id, "prompt": q.question, "text": p,
+             "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+            for q, p in zip(questions, predictions)
+        ]
+        summary = None
+    else:
+        rows = [
+            {"id": q.id, "category": q.category, "pair": q.pair, "question": q.question,
+             "reference": q.reference, "prediction": p, "correct": score(p, q.reference)}
+            for q, p in zip(questions, predictions)
+        ]
+        for q, r in zip(questions, rows):
+            if q.record is not None and is_letter_reference(q.reference):
+                r["reference_letter"] = letter_of(q.reference)
+                r["predicted_letter"] = letter_of(r["prediction"])
+        summary = summarize(rows)
+        letters = {r["id"]: (r["reference_letter"], r["predicted_letter"]) for r in rows if "reference_letter" in r}
+        if letters:
+            summary["letters"] = {k: {"reference": a, "predicted": b} for k, (a, b) in letters.items()}
     if out is not None:
         with open(out, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    return summarize(rows), rows
+    return summary, rows
