@@ -348,6 +348,20 @@ class DecoderConfig:
         )
 
 
+# The top-level special token ids a warm-started config may be given.
+TOKEN_ID_KEYS = ("decoder_start_token_id", "pad_token_id", "eos_token_id", "forced_bos_token_id", "forced_eos_token_id")
+
+
+def _check_token_ids(token_ids: dict[str, Any]) -> None:
+    for key, value in token_ids.items():
+        if key not in TOKEN_ID_KEYS:
+            raise ConfigError(f"unknown token id {key!r}; expected one of {', '.join(TOKEN_ID_KEYS)}")
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+        if not ok and not (isinstance(value, list) and key in ("eos_token_id", "forced_eos_token_id")
+                           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+            raise ConfigError(f"{key} must be a non-negative integer or None, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionEncoderDecoderConfig:
     encoder: ViTConfig
@@ -392,12 +406,23 @@ class VisionEncoderDecoderConfig:
         )
 
     @classmethod
-    def from_encoder_decoder_configs(cls, encoder: dict[str, Any], decoder: dict[str, Any]) -> VisionEncoderDecoderConfig:
+    def from_encoder_decoder_configs(cls, encoder: dict[str, Any], decoder: dict[str, Any],
+                                     **token_ids: int | list[int] | None) -> VisionEncoderDecoderConfig:
         """transformers' `from_encoder_decoder_configs`: the two HF config dicts joined, the
-        decoder's made `is_decoder` with `add_cross_attention` (as transformers sets them)."""
+        decoder's made `is_decoder` with `add_cross_attention` (as transformers sets them);
+        `token_ids` (e.g. `decoder_start_token_id`, `pad_token_id`) go into the joined config,
+        as transformers' keyword arguments do."""
+        _check_token_ids(token_ids)
         decoder = {**_check_object(decoder, "the decoder config"), "is_decoder": True, "add_cross_attention": True}
         return cls.from_hf_dict({"model_type": MODEL_TYPE, "encoder": _check_object(encoder, "the encoder config"),
-                                 "decoder": decoder, "is_encoder_decoder": True})
+                                 "decoder": decoder, "is_encoder_decoder": True, **token_ids})
+
+    def replace(self, **token_ids: int | list[int] | None) -> VisionEncoderDecoderConfig:
+        """This config with other special token ids (what transformers users set as
+        `model.config.decoder_start_token_id = ...` after a warm start); the saved config.json
+        carries them too."""
+        _check_token_ids(token_ids)
+        return type(self).from_hf_dict({**self.hf_dict, **token_ids})
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VisionEncoderDecoderConfig:
