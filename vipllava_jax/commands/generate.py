@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--marker", help="rectangle, ellipse, triangle, point, scribble, mask_contour, mask or arrow")
     g.add_argument("--box", help="the region as x0,y0,x1,y1 in pixels of the upright image (as viewers show it)")
     g.add_argument("--point", help="the region as x,y in pixels (instead of --box)")
+    g.add_argument("--seg", action="append", metavar="X,Y,X,Y,...",
+                   help="the region as a COCO polygon in pixels, 3 points or more (instead of --box); "
+                   "repeat it for a region in several parts")
+    g.add_argument("--alpha", type=int, help="marker opacity 0-255 (default: the style's, constant 128)")
+    g.add_argument("--width", type=int, help="line width in pixels of outline markers (default: the style's, 3 s for "
+                   "a rectangle, s = the longer image side / 336)")
     g.add_argument("--color", help="(default red) red, lime, blue, yellow, fuchsia, aqua, orange, purple, gold, or r,g,b")
     g.add_argument("--marker-style", default="constant", help="constant (evaluation look, default) or random (training ranges, seeded by --seed)")
     g.add_argument("--save-marked", metavar="PATH", help="write the marked image here (PNG)")
@@ -130,24 +136,40 @@ def _visual_prompt(args: argparse.Namespace):
     from vipllava_jax.processing.visual_prompts import VisualPrompt
 
     if args.marker is None:
-        stray = [f for f, v in (("--box", args.box), ("--point", args.point),
-                                ("--color", args.color), ("--save-marked", args.save_marked))
+        stray = [f for f, v in (("--box", args.box), ("--point", args.point), ("--seg", args.seg),
+                                ("--color", args.color), ("--alpha", args.alpha), ("--width", args.width),
+                                ("--save-marked", args.save_marked))
                  if v is not None]
         if stray:
             raise VipLlavaError(f"{stray[0]} needs --marker")
         return None
-    if (args.box is None) == (args.point is None):
-        raise VipLlavaError("--marker needs exactly one of --box x0,y0,x1,y1 or --point x,y")
+    if sum(v is not None for v in (args.box, args.point, args.seg)) != 1:
+        raise VipLlavaError("--marker needs exactly one of --box x0,y0,x1,y1, --point x,y or --seg x,y,x,y,...")
     box = _numbers("--box", args.box, 4) if args.box is not None else None
     point = _numbers("--point", args.point, 2) if args.point is not None else None
+    polygons = tuple(_polygon(text) for text in args.seg) if args.seg is not None else None
+    if args.alpha is not None and not 0 <= args.alpha <= 255:
+        raise VipLlavaError(f"--alpha takes an integer 0-255, got {args.alpha}")
+    if args.width is not None and args.width < 1:
+        raise VipLlavaError(f"--width takes a whole number of pixels >= 1, got {args.width}")
     color = args.color or "red"
     if "," in color:
         color = _numbers("--color", color, 3)
         if not all(c.is_integer() for c in color):
             raise VipLlavaError(f"--color r,g,b takes integers 0-255, got {args.color!r}")
         color = tuple(int(c) for c in color)
-    return VisualPrompt(marker=args.marker, box=box, point=point, color=color,
-                        style=args.marker_style, seed=args.seed)
+    return VisualPrompt(marker=args.marker, box=box, point=point, polygons=polygons, color=color,
+                        style=args.marker_style, seed=args.seed, alpha=args.alpha, width=args.width)
+
+
+def _polygon(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) < 6 or len(values) % 2 or not all(math.isfinite(v) for v in values):
+        raise VipLlavaError(f"--seg takes a polygon as x,y,x,y,... (3 points or more), got {text!r}")
+    return values
 
 
 def _numbers(flag: str, text: str, n: int) -> tuple[float, ...]:

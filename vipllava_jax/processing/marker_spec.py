@@ -58,6 +58,11 @@ class VisualPrompt:
         color: a name from `COLORS` or an `(r, g, b)` tuple of ints 0-255.
         style: "constant" (evaluation values) or "random" (training ranges); see `visual_prompts`.
         seed: seeds `np.random.default_rng` for everything random.
+        alpha: the marker's opacity 0-255, instead of the style's (constant 128, random 96-255).
+        width: the line width in pixels of the outline markers (rectangle, ellipse, triangle,
+            scribble, mask contour, arrow), instead of the style's; the point and mask markers
+            are filled and do not use it. Overrides draw the same shapes as without them: the
+            random style still draws the values it replaces.
     """
 
     marker: str
@@ -68,6 +73,8 @@ class VisualPrompt:
     color: Color = "red"
     style: str = "constant"
     seed: int = 0
+    alpha: int | None = None
+    width: int | None = None
 
     def __post_init__(self):
         marker = str(self.marker).strip().lower().replace(" ", "_").replace("-", "_")
@@ -80,6 +87,10 @@ class VisualPrompt:
         if self.box is None and self.point is None and self.mask is None and self.polygons is None:
             raise VisualPromptError(
                 f"the {marker} marker needs a region: pass box, point, mask or polygons")
+        if self.alpha is not None and not _is_int(self.alpha, 0, 255):
+            raise VisualPromptError(f"alpha must be an integer 0-255, got {self.alpha!r}")
+        if self.width is not None and not _is_int(self.width, 1, 10_000):
+            raise VisualPromptError(f"width must be a whole number of pixels >= 1, got {self.width!r}")
         if self.polygons is not None:
             if self.mask is not None:
                 raise VisualPromptError("pass mask or polygons, not both")
@@ -125,6 +136,10 @@ def parse_polygons(polygons: Any) -> tuple[tuple[float, ...], ...]:
                 f"a polygon must be a flat [x, y, x, y, ...] list of 3 points or more, got {polygon!r}")
         out.append(_numbers(polygon, len(polygon), "a polygon"))
     return tuple(out)
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) and lo <= value <= hi
 
 
 def _parse_color(color: Any) -> Color:

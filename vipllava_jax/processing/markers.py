@@ -29,13 +29,17 @@ def render_layer(image_size: tuple[int, int], vp: VisualPrompt) -> PIL.Image.Ima
 
     def width(lo: float, hi: float, constant: float) -> int:
         if rand:
-            return max(int(rng.integers(int(lo * s), int(hi * s) + 1)), 1)
-        return max(int(constant * s), 1)
+            drawn = max(int(rng.integers(int(lo * s), int(hi * s) + 1)), 1)  # drawn even when overridden
+        else:
+            drawn = max(int(constant * s), 1)
+        return vp.width if vp.width is not None else drawn
 
     if rand:
         alpha = int(rng.integers(48, 129) if vp.marker == "mask" else rng.integers(96, 256))
     else:
         alpha = CONSTANT_ALPHA
+    if vp.alpha is not None:
+        alpha = vp.alpha
     fill = (*vp.rgb, alpha)
     layer = PIL.Image.new("RGBA", (w, h), (0, 0, 0, 0))
     draw = PIL.ImageDraw.Draw(layer)
@@ -77,7 +81,7 @@ def render_layer(image_size: tuple[int, int], vp: VisualPrompt) -> PIL.Image.Ima
     elif vp.marker == "mask":
         _paint(layer, region.mask, fill)
     elif vp.marker == "arrow":
-        _draw_arrow(draw, region, fill, rng, rand, s, w, h)
+        _draw_arrow(draw, region, fill, rng, rand, s, w, h, vp.width)
     return layer
 
 
@@ -233,7 +237,7 @@ def _bezier(ctrl: list[tuple[float, float]], n: int) -> list[tuple[float, float]
     return [tuple(q) for q in pts.tolist()]
 
 
-def _draw_arrow(draw, region, fill, rng, rand, s, w, h) -> None:
+def _draw_arrow(draw, region, fill, rng, rand, s, w, h, line_width: int | None = None) -> None:
     """An arrow whose tip is on the region: the head sits at the tip, the shaft runs away from
     the region to the tail (the original draws it the same way)."""
     x0, y0, x1, y1 = region.box
@@ -256,6 +260,7 @@ def _draw_arrow(draw, region, fill, rng, rand, s, w, h) -> None:
         tip = region.point if region.point is not None else region.nearest_inside(*region.centre)
         angles = [-math.pi / 4, -3 * math.pi / 4, math.pi / 4, 3 * math.pi / 4]
     head = min(head, 0.6 * length)
+    lw = line_width if line_width is not None else lw
     tx, ty = tip
 
     def tail(a):

@@ -28,6 +28,7 @@ only the alpha (128), the rectangle / ellipse / triangle width (3 s) and the poi
 the rest of the constant column (the ellipse through the box's corners, the fixed triangle,
 scribble and arrow, the point at the exact centre) is this project's own, so that an
 evaluation prompt draws the same pixels every time.
+`VisualPrompt(alpha=..., width=...)` overrides either style's alpha and outline width.
 
 A region may be COCO polygons too (`VisualPrompt(polygons=[[x, y, x, y, ...], ...])`, several
 for a region in parts): the mask, contour, scribble, triangle and point markers follow their
