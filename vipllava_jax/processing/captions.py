@@ -38,7 +38,11 @@ def image_preprocessor(path: str | Path, image_size: int | tuple[int, int]) -> C
     path = hub.resolve(path)
     file = path / "preprocessor_config.json"
     if file.is_file():
-        name = json.loads(file.read_text()).get("image_processor_type", "ViTImageProcessor")
+        d = json.loads(file.read_text())
+        # older folders (donut-base, trocr-*) name only a feature extractor: transformers'
+        # AutoImageProcessor maps it to the image processor of the same family
+        legacy = (d.get("feature_extractor_type") or "").replace("FeatureExtractor", "ImageProcessor")
+        name = d.get("image_processor_type") or legacy or "ViTImageProcessor"
         processor = _pil_class(name).from_pretrained(path)
     else:
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
