@@ -98,7 +98,8 @@ class TrainDataLoader(RecordLoader):
 
         def mark(image):
             try:
-                drawn["image"], drawn["conversations"] = mark_record(record, image, self.record_rng(position))
+                drawn["image"], drawn["conversations"] = mark_record(
+                    record, image, self.record_rng(position), image_folder=self.image_folder)
             except RegionError as e:
                 raise SkipRecord("bad_region", str(e)) from None
             return drawn["image"]
