@@ -163,3 +163,25 @@ def test_bad_vcr_records_are_one_line_errors(folder, change, match):
     with pytest.raises(RegionError, match=match) as e:
         mark_record(record(**change), grey(), np.random.default_rng(0), image_folder=folder)
     assert "\n" not in str(e.value)
+
+
+def test_the_training_loader_reads_vcr_meta_files_from_its_image_folder(folder):
+    """A VCR record in a training file: the loader passes its image folder, so `./dataset/...`
+    meta paths resolve there and the image is marked."""
+    from tests.helpers import make_word_tokenizer
+    from vipllava_jax.processing.images import CLIPImagePreprocessor
+    from vipllava_jax.processing.processor import VipLlavaProcessor
+    from vipllava_jax.train.data import IGNORE_INDEX, LoaderOptions, TrainDataLoader
+
+    tokenizer = make_word_tokenizer(folder / "tok", ["What is the person dog doing with feeding wags its tail"])
+    processor = VipLlavaProcessor(tokenizer, CLIPImagePreprocessor.for_size(28, pad_to_square=True),
+                                  num_image_tokens=4)
+    grey().save(folder / "vcr1images" / "movie" / "3.jpg")
+    path = folder / "data.jsonl"
+    path.write_text(json.dumps(record()) + "\n")
+    options = LoaderOptions(batch_size=1, max_length=256, process_index=0, process_count=1, num_workers=1,
+                            shuffle=False, num_epochs=1, strict=True)
+    (batch,) = list(TrainDataLoader(path, folder, processor, options, template="llava_v1"))
+    plain = processor.image_processor.preprocess(grey())
+    assert not np.array_equal(batch["pixel_values"][0], plain)
+    assert (batch["labels"][0] != IGNORE_INDEX).any()

@@ -15,7 +15,7 @@ The dataset is the id's prefix before the first '-'; it picks the shapes and the
 | dataset        | shapes                                  | style    | text                          |
 |----------------|-----------------------------------------|----------|-------------------------------|
 | refcocog       | all eight                               | random   | conversations, or `answer`: describe the object |
-| vcr            | all but point                           | random   | conversations                 |
+| vcr            | all but point                           | random   | conversations, or `meta_dir` + `question` / choices (below): two turns, multiple choice or direct |
 | vg_rel         | rectangle, ellipse                      | random   | conversations, or `answer`: the relationship triplet question |
 | flickr30k      | rectangle, ellipse, arrow               | random   | conversations, or `bbox` (boxes per entity) + `grounding` caption: the describe-the-image question |
 | v7w            | rectangle                               | constant | `question`, 4 `bboxes`, `answer` box: multiple choice, letter answer |
