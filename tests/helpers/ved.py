@@ -124,3 +124,26 @@ NON_SQUARE = {
 
 def wide_images(batch=2, seed=0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 3, 32, 48)).astype(np.float32)
+
+
+def save_warm_start_pair(tmp_path, encoder: str, decoder: str):
+    """An encoder and a decoder checkpoint (every weight perturbed), as transformers saves them."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    enc_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8)
+    enc = {"vit_model": lambda: tf.ViTModel(tf.ViTConfig(**enc_kw)),
+           "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**enc_kw, num_labels=3))}[encoder]()
+    dec_kw = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dec = {
+        "gpt2_lm": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, **dec_kw)),
+        "bert_model": lambda: tf.BertModel(tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                         num_attention_heads=4, max_position_embeddings=64, **dec_kw)),
+    }[decoder]()
+    for model, name in ((enc, "enc"), (dec, "dec")):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        model.save_pretrained(tmp_path / name)
+    return tmp_path / "enc", tmp_path / "dec"

@@ -10,33 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers.ved import ATOL, VOCAB, caption_labels, images, torch_out
+from tests.helpers.ved import ATOL, caption_labels, images, save_warm_start_pair, torch_out
 from vipllava_jax.checkpoint import model_params
 from vipllava_jax.models.ved import VisionEncoderDecoderModel, shift_tokens_right
 from vipllava_jax.models.ved.mapping import VED_MAPPING
-
-
-def save_tiny(tmp_path, encoder: str, decoder: str):
-    """An encoder and a decoder checkpoint (every weight perturbed), as transformers saves them."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    enc_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8)
-    enc = {"vit_model": lambda: tf.ViTModel(tf.ViTConfig(**enc_kw)),
-           "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**enc_kw, num_labels=3))}[encoder]()
-    dec_kw = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    dec = {
-        "gpt2_lm": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=48, n_layer=2, n_head=4, n_positions=64, **dec_kw)),
-        "bert_model": lambda: tf.BertModel(tf.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                         num_attention_heads=4, max_position_embeddings=64, **dec_kw)),
-    }[decoder]()
-    for model, name in ((enc, "enc"), (dec, "dec")):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
-        model.save_pretrained(tmp_path / name)
-    return tmp_path / "enc", tmp_path / "dec"
 
 
 @pytest.mark.parametrize("pair", [("vit_model", "gpt2_lm"), ("vit_classifier", "bert_model")],
@@ -44,7 +21,7 @@ def save_tiny(tmp_path, encoder: str, decoder: str):
 def test_warm_start_matches_transformers(tmp_path, caplog, pair):
     from transformers import VisionEncoderDecoderModel as HF
 
-    enc, dec = save_tiny(tmp_path, *pair)
+    enc, dec = save_warm_start_pair(tmp_path, *pair)
     with caplog.at_level(logging.WARNING, logger="vipllava_jax.models.ved.warm_start"):
         ours = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(enc, dec, seed=1)
     (line,) = [r.getMessage() for r in caplog.records if "newly initialised" in r.getMessage()]

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from tests.helpers import make_word_tokenizer
-from tests.helpers.ved import caption_labels, images
-from tests.models.test_ved_warm_start import save_tiny
+from tests.helpers.ved import caption_labels, images, save_warm_start_pair
 from vipllava_jax.convert import orbax_to_hf
 from vipllava_jax.errors import ConfigError
 from vipllava_jax.models.ved import VisionEncoderDecoderConfig, VisionEncoderDecoderModel
-from vipllava_jax.models.ved.warm_start import from_encoder_decoder_pretrained, read_config
+from vipllava_jax.models.ved.warm_start import read_config
 from vipllava_jax.train import RunConfig, load_trained_model, train
 
 CAPTIONS = ["a red square", "a green square", "a blue square", "a yellow square"]
@@ -26,7 +25,7 @@ COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30)]
 
 
 def test_token_ids_go_into_the_config_and_are_checked(tmp_path):
-    enc, dec = save_tiny(tmp_path, "vit_model", "gpt2_lm")
+    enc, dec = save_warm_start_pair(tmp_path, "vit_model", "gpt2_lm")
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         read_config(enc, "encoder"), read_config(dec, "decoder"), decoder_start_token_id=1, pad_token_id=0)
     assert (config.decoder_start_token_id, config.pad_token_id) == (1, 0)
@@ -42,9 +41,9 @@ def test_token_ids_go_into_the_config_and_are_checked(tmp_path):
 def test_warm_started_captioner_fine_tunes_and_exports(tmp_path):
     from transformers import VisionEncoderDecoderModel as HF
 
-    enc, dec = save_tiny(tmp_path, "vit_model", "gpt2_lm")  # ViT 32 wide, GPT-2 48 wide: a new projection too
-    model = from_encoder_decoder_pretrained(VisionEncoderDecoderModel, enc, dec, seed=1,
-                                            decoder_start_token_id=1, pad_token_id=0)
+    enc, dec = save_warm_start_pair(tmp_path, "vit_model", "gpt2_lm")  # ViT 32 wide, GPT-2 48 wide: a new projection too
+    model = VisionEncoderDecoderModel.from_encoder_decoder_pretrained(enc, dec, seed=1,
+                                                                      decoder_start_token_id=1, pad_token_id=0)
     assert (model.config.decoder_start_token_id, model.config.pad_token_id) == (1, 0)
     model.save_pretrained(tmp_path / "model")
     make_word_tokenizer(tmp_path / "model", CAPTIONS)

@@ -102,14 +102,15 @@ class VisionEncoderDecoderModel(nnx.Module):
     @classmethod
     def from_encoder_decoder_pretrained(cls, encoder_path: str | Path, decoder_path: str | Path, *,
                                         dtype: DType = "float32", seed: int = 0,
-                                        revision: str | None = None) -> VisionEncoderDecoderModel:
+                                        revision: str | None = None, **token_ids) -> VisionEncoderDecoderModel:
         """Warm start from a pretrained encoder and decoder (HF folders or hub ids): the new
-        cross-attention (and projection) weights are random and named in a log line; see
+        cross-attention (and projection) weights are random and named in a log line; `token_ids`
+        (decoder_start_token_id, pad_token_id, ...) go into the joined config; see
         `vipllava_jax.models.ved.warm_start`."""
         from vipllava_jax.models.ved.warm_start import from_encoder_decoder_pretrained
 
         return from_encoder_decoder_pretrained(cls, encoder_path, decoder_path, dtype=dtype, seed=seed,
-                                               revision=revision)
+                                               revision=revision, **token_ids)
 
     @classmethod
     def abstract(cls, config: VisionEncoderDecoderConfig, *, dtype: DType = "float32",
