@@ -51,3 +51,12 @@ def test_every_package_is_listed_for_the_wheel():
             rel = init.parent.relative_to(ROOT / top).parts
             found.add(".".join((name, *rel)))
     assert found == listed, (sorted(found - listed), sorted(listed - found))
+
+
+def test_no_test_file_imports_another():
+    """Shared helpers live in tests.helpers and shared fixtures in conftest.py files."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+(tests\.\S*\.)?test_\w+|^\s*from\s+conftest\s+import", re.M)
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("*.py") if pattern.search(p.read_text())]
+    assert not offenders, offenders
