@@ -183,7 +183,7 @@ def test_hf_folder_without_tokenizer_is_one_line_error(tmp_path, capsys):
 def test_box_on_an_exif_rotated_photo_is_in_upright_coordinates(tmp_path, capsys):
     """A phone JPEG (Orientation=6): the marked image is upright and the box marks the pixels
     the user meant."""
-    from tests.processing.test_images import phone_jpeg
+    from tests.helpers.images import phone_jpeg
 
     photo = phone_jpeg(tmp_path / "phone.jpg")
     saved = tmp_path / "marked.png"
