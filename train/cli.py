@@ -12,6 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vipllava-train", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="a TOML run config (see README)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. steps=100 train.learning_rate=1e-4")
+    p.add_argument("--validate", action="store_true",
+                   help="only load every record of the data once (images, markers, tokens) and list the "
+                        "ones a run would skip, with their lines; exit 1 if any")
     args = p.parse_args(argv)
 
     import dataclasses
@@ -22,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
         from vipllava_jax.train.loop import Interrupted
 
         cfg = RunConfig.from_file(args.config, args.overrides)
+        if args.validate:
+            from vipllava_jax.train.loop import validate_data
+
+            usable, problems = validate_data(cfg)
+            for line in problems:
+                print(line)
+            print(f"{usable} usable records, {len(problems)} a run would skip")
+            return 1 if problems else 0
         join_hosts(dataclasses.asdict(cfg))  # before anything touches a device
         train(cfg)
     except KeyboardInterrupt:  # before the first step, or a second Ctrl-C

@@ -263,6 +263,14 @@ def _sigint_flag():
         signal.signal(signal.SIGINT, previous)
 
 
+def validate_data(cfg: RunConfig) -> tuple[int, list[str]]:
+    """`RecordLoader.validate` on the run's data, with the run's model config and processor
+    (no weights loaded, no devices used)."""
+    cfg = dataclasses.replace(cfg, model=str(hub.resolve(cfg.model)))
+    model_config = family_of(cfg.model).config_class.from_pretrained(cfg.model)
+    return data_loader(dataclasses.replace(cfg, num_workers=0), model_config, batch_size=1).validate()
+
+
 def data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
     """LLaVA conversations for VipLlava; image-caption pairs for an encoder-decoder."""
     options = LoaderOptions(batch_size=batch_size, max_length=cfg.max_length, seed=cfg.seed, strict=cfg.strict,

@@ -235,6 +235,19 @@ class RecordLoader:
                 yield int(order[i]), epoch, *after
             epoch, index = epoch + 1, 0
 
+    def validate(self) -> tuple[int, list[str]]:
+        """Loads every record of this host's share once, in file order (images too, markers
+        drawn), without batching: (usable records, one line per unusable one naming its place
+        and why). For a pass over the data before a long run (`vipllava-train --validate`)."""
+        usable, problems = 0, []
+        for i in range(self.process_index, len(self.annotations), self.process_count):
+            try:
+                self._load(i, 0)
+                usable += 1
+            except SkipRecord as e:
+                problems.append(f"{self.annotations.where(i)}: {e.reason}: {e}")
+        return usable, problems
+
     # -- loading
 
     def _load(self, i: int, epoch: int):
