@@ -16,7 +16,7 @@ records/s inline / 2 threads / 2 processes; noisy): 48 px plain 1735 / 1443 / 76
 records 1233 / 1033 / 539; 480 px (`--upscale 10`) plain 172 / 179 / 157, 480 px region
 records 137 / 121 / 120: drawing a marker costs about a fifth of a record's loading at 480 px.
 
-`--grain` (issue 32: `pip install grain`; not a dependency of the library) also loads the same
+`--grain` (`pip install grain`; not a dependency of the library) also loads the same
 records through the same `TrainDataLoader.load_record` and collate with grain:
 `MapDataset.source(...).shuffle(seed=0).map(load_record)`, read by 2 threads (`ReadOptions`) or
 2 spawned processes (`mp_prefetch`, batches built in the workers); its rows are checked against

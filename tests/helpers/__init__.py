@@ -4,7 +4,7 @@ the training run's config in `tests.helpers.train`; fixtures are in the conftest
 
 `make_hf_checkpoint(path, **shape)` saves a transformers VipLlava model with save_pretrained
 and then, if asked, rewrites it into the other on-disk layouts found in the wild
-(SPEC.md: transformers 4.37-4.51 and 4.52-4.57 key prefixes, old config field names,
+(transformers 4.37-4.51 and 4.52-4.57 key prefixes, old config field names,
 sharded safetensors, pytorch_model.bin).
 """
 
@@ -88,7 +88,7 @@ def _rename(key: str, layout: str) -> str:
 
 def save_hf_model(model, path, *, layout="v5", shards=1, fmt="safetensors", dtype=torch.float32,
                   old_config=False) -> Path:
-    """Saves `model` in one of the layouts of SPEC.md; returns the folder."""
+    """Saves `model` in one of the layouts transformers has written; returns the folder."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -4,7 +4,7 @@ Float32 contract: max |logits difference| <= 1e-4 on non-padding positions and t
 1e-5 relative. Covered: the three parts on their own (CLIP hidden states, projector, decoder),
 the whole model over the shapes that change the code path (MHA, GQA, Mistral sliding window,
 the default five feature layers, a single int feature layer, tied head, two images per row),
-every on-disk layout of SPEC.md, bfloat16 / float16 checkpoints (and bfloat16 compute), and
+every on-disk layout transformers has written, bfloat16 / float16 checkpoints (and bfloat16 compute), and
 input errors.
 
 Forward passes run under `nnx.jit`: one compile per config keeps the file fast (eager
@@ -153,7 +153,7 @@ def test_decoder_hidden_states_left_padded(parts):
 
 
 def test_activations_and_norm_eps(tiny):
-    """The traps of SPEC.md, on inputs where they show: with this tiny model's small
+    """The known numerical traps, on inputs where they show: with this tiny model's small
     activations, tanh-GELU or a wrong norm eps move the logits by ~1e-4 or less, so check
     each activation on a grid and each norm on tiny-variance inputs (where eps dominates)."""
     hf, model = tiny

@@ -1,5 +1,5 @@
 """VipLlavaProcessor against transformers' LlavaProcessor (PIL CLIP backend), and the prompt
-builder against the formats in SPEC.md. A word-level tokenizer is built locally (no hub)."""
+builder against the formats the model card and the original repository use. A word-level tokenizer is built locally (no hub)."""
 
 from __future__ import annotations
 
@@ -384,7 +384,7 @@ def test_visual_prompt_errors(ours, images):
         ours(images=images["pil"][0], visual_prompts=[VisualPrompt(marker="mask", box=(0, 0, 99, 9))])
 
 
-# --- prompt builder: exact strings from SPEC.md -------------------------------------------------
+# --- prompt builder: exact strings of the model card and the original -------------------------------------------------
 
 
 def test_vipllava_prompt_single_turn():

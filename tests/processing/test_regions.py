@@ -19,7 +19,7 @@ GREY = 128
 BOX = [120, 80, 260, 200]
 DIAMOND = [190, 80, 260, 140, 190, 200, 120, 140]  # a COCO polygon inside BOX
 
-# The original's facts (SPEC.md "ViP-LLaVA-Instruct data"): shapes per dataset, the phrase of
+# The original's facts (its data processing, llava/visual_prompt_organizer.py): shapes per dataset, the phrase of
 # each shape, the nine colour names and values.
 SHAPES = {
     "refcocog": {"rectangle", "ellipse", "triangle", "point", "scribble", "mask contour", "mask", "arrow"},
