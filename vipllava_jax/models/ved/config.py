@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax.checkpoint.config_checks import check_numbers, check_object
 from vipllava_jax.errors import ConfigError
 
 MODEL_TYPE = "vision-encoder-decoder"
@@ -57,36 +58,15 @@ SWIN_TYPES = ("swin", "donut-swin")  # Donut's is Swin without the final layerno
 DECODER_TYPES = ("gpt2", "bert", "roberta", "trocr", "bart", "mbart")
 
 
-def _check_numbers(values: dict[str, Any], where: str, counts=(), optional_counts=(), positive=()) -> None:
-    """Sizes and counts are positive integers (a bool is not one), `positive` numbers > 0:
-    a one-line error naming the field otherwise, before anything computes with them."""
-    for name in (*counts, *optional_counts):
-        x = values.get(name)
-        if x is None and name in optional_counts:
-            continue
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise ConfigError(f"{where}{name} must be a positive integer, got {x!r}")
-    for name in positive:
-        x = values.get(name)
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
-            raise ConfigError(f"{where}{name} must be a positive number, got {x!r}")
-
-
-def _check_object(d, where: str) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__} {json.dumps(d)[:40]}")
-    return d
-
-
 def _image_size(value) -> tuple[int, int | None]:
     """`image_size` as an int or a `[height, width]` pair -> (height, width or None when square)."""
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ConfigError(f"encoder.image_size must be an int or [height, width], got {value!r}")
-        _check_numbers({"image_size": value[0], "image_width": value[1]}, "encoder.",
+        check_numbers({"image_size": value[0], "image_width": value[1]}, "encoder.",
                        counts=("image_size", "image_width"))
         return value[0], (None if value[1] == value[0] else value[1])
-    _check_numbers({"image_size": value}, "encoder.", counts=("image_size",))
+    check_numbers({"image_size": value}, "encoder.", counts=("image_size",))
     return value, None
 
 
@@ -96,7 +76,7 @@ def _square(value, name: str) -> int:
         if len(value) != 2 or value[0] != value[1]:
             raise ConfigError(f"unsupported non-square encoder {name} {value!r}")
         value = value[0]
-    _check_numbers({name: value}, "encoder.", counts=(name,))
+    check_numbers({name: value}, "encoder.", counts=(name,))
     return value
 
 
@@ -175,7 +155,7 @@ class ViTConfig:
             raise ConfigError("unsupported beit encoder: absolute position embeddings with a non-square image_size")
         if beit and not isinstance(v["layer_scale_init_value"], (int, float)):
             raise ConfigError(f"encoder.layer_scale_init_value must be a number, got {v['layer_scale_init_value']!r}")
-        _check_numbers(v, "encoder.", counts=("hidden_size", "num_hidden_layers", "num_attention_heads",
+        check_numbers(v, "encoder.", counts=("hidden_size", "num_hidden_layers", "num_attention_heads",
                                               "intermediate_size", "num_channels"),
                        optional_counts=("pooler_output_size",), positive=("layer_norm_eps",))
         return cls(
@@ -200,7 +180,7 @@ class ViTConfig:
         v = {**dict(image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2],
                     num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0, qkv_bias=True, hidden_act="gelu",
                     use_absolute_embeddings=False, layer_norm_eps=1e-5), **d}
-        _check_numbers(v, "encoder.", counts=("embed_dim", "window_size", "num_channels"),
+        check_numbers(v, "encoder.", counts=("embed_dim", "window_size", "num_channels"),
                        positive=("layer_norm_eps", "mlp_ratio"))
         depths, heads = v["depths"], v["num_heads"]
         if (not isinstance(depths, list) or not isinstance(heads, list) or not depths or len(depths) != len(heads)
@@ -296,7 +276,7 @@ class DecoderConfig:
             raise ConfigError(f"unsupported position_embedding_type {d['position_embedding_type']!r}")
         if model_type == "gpt2":
             v = {**_GPT2_DEFAULTS, **d}
-            _check_numbers(v, "decoder.", counts=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+            check_numbers(v, "decoder.", counts=("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
                            optional_counts=("n_inner",), positive=("layer_norm_epsilon",))
             return cls(
                 model_type="gpt2", vocab_size=v["vocab_size"], hidden_size=v["n_embd"],
@@ -310,7 +290,7 @@ class DecoderConfig:
         v = {**(_ROBERTA_DEFAULTS if model_type == "roberta" else _BERT_DEFAULTS), **d}
         if model_type == "roberta" and v["pad_token_id"] is None:
             raise ConfigError("a roberta decoder needs pad_token_id (its positions count from it)")
-        _check_numbers(v, "decoder.", counts=(
+        check_numbers(v, "decoder.", counts=(
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size"), positive=("layer_norm_eps",))
         return cls(
@@ -326,7 +306,7 @@ class DecoderConfig:
     def _from_seq2seq(cls, d: dict[str, Any], model_type: str) -> DecoderConfig:
         """TrOCR's, BART's and mBART's decoders (fairseq layout: learned positions offset by 2)."""
         v = {**(_TROCR_DEFAULTS if model_type == "trocr" else _SEQ2SEQ_DEFAULTS), **d}
-        _check_numbers(v, "decoder.", counts=("vocab_size", "d_model", "decoder_layers", "decoder_attention_heads",
+        check_numbers(v, "decoder.", counts=("vocab_size", "d_model", "decoder_layers", "decoder_attention_heads",
                                               "decoder_ffn_dim", "max_position_embeddings"),
                        optional_counts=("cross_attention_hidden_size",))
         trocr = model_type == "trocr"
@@ -384,13 +364,13 @@ class VisionEncoderDecoderConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VisionEncoderDecoderConfig:
-        _check_object(d, "config.json")
+        check_object(d, "config.json")
         if d.get("model_type") != MODEL_TYPE:
             raise ConfigError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
         if "encoder" not in d or "decoder" not in d:
             raise ConfigError("a vision-encoder-decoder config needs 'encoder' and 'decoder' sub-configs")
-        encoder = ViTConfig.from_hf_dict(_check_object(d["encoder"], "config.json's encoder"))
-        decoder = DecoderConfig.from_hf_dict(_check_object(d["decoder"], "config.json's decoder"))
+        encoder = ViTConfig.from_hf_dict(check_object(d["encoder"], "config.json's encoder"))
+        decoder = DecoderConfig.from_hf_dict(check_object(d["decoder"], "config.json's decoder"))
         cross = d["decoder"].get("cross_attention_hidden_size")
         if cross is not None and encoder.hidden_size != decoder.hidden_size and decoder.model_type != "trocr":
             # only TrOCR builds its cross-attention for another width than the decoder's own
@@ -413,8 +393,8 @@ class VisionEncoderDecoderConfig:
         `token_ids` (e.g. `decoder_start_token_id`, `pad_token_id`) go into the joined config,
         as transformers' keyword arguments do."""
         _check_token_ids(token_ids)
-        decoder = {**_check_object(decoder, "the decoder config"), "is_decoder": True, "add_cross_attention": True}
-        return cls.from_hf_dict({"model_type": MODEL_TYPE, "encoder": _check_object(encoder, "the encoder config"),
+        decoder = {**check_object(decoder, "the decoder config"), "is_decoder": True, "add_cross_attention": True}
+        return cls.from_hf_dict({"model_type": MODEL_TYPE, "encoder": check_object(encoder, "the encoder config"),
                                  "decoder": decoder, "is_encoder_decoder": True, **token_ids})
 
     def replace(self, **token_ids: int | list[int] | None) -> VisionEncoderDecoderConfig:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax.checkpoint.config_checks import check_numbers, check_object
 from vipllava_jax.errors import ConfigError
 
 # Defaults of transformers' CLIPVisionConfig, LlamaConfig and MistralConfig.
@@ -43,27 +44,6 @@ _TEXT_DEFAULTS = {
     ),
 }
 _SUPPORTED_ROPE_TYPES = ("default", "linear")
-
-
-def _check_numbers(values: dict[str, Any], where: str, counts=(), optional_counts=(), positive=()) -> None:
-    """Sizes and counts are positive integers (a bool is not one), `positive` numbers > 0:
-    a one-line error naming the field otherwise, before anything computes with them."""
-    for name in (*counts, *optional_counts):
-        x = values.get(name)
-        if x is None and name in optional_counts:
-            continue
-        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise ConfigError(f"{where}{name} must be a positive integer, got {x!r}")
-    for name in positive:
-        x = values.get(name)
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
-            raise ConfigError(f"{where}{name} must be a positive number, got {x!r}")
-
-
-def _check_object(d, where: str) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a JSON object, got {type(d).__name__} {json.dumps(d)[:40]}")
-    return d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +79,7 @@ class CLIPVisionConfig:
                 f"unsupported vision_config model_type {model_type!r} (expected 'clip_vision_model')"
             )
         values = {**_CLIP_VISION_DEFAULTS, **d}
-        _check_numbers(values, "vision_config.", counts=(
+        check_numbers(values, "vision_config.", counts=(
             "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_channels", "image_size", "patch_size", "projection_dim"), positive=("layer_norm_eps",))
         if values["hidden_size"] % values["num_attention_heads"]:
@@ -149,7 +129,7 @@ class TextConfig:
         v = {**_TEXT_DEFAULTS[model_type], **{k: x for k, x in d.items() if x is not None}}
         if model_type == "mistral":  # Mistral's sliding_window may be an explicit null
             v["sliding_window"] = d.get("sliding_window", _TEXT_DEFAULTS["mistral"]["sliding_window"])
-        _check_numbers(v, "text_config.", counts=(
+        check_numbers(v, "text_config.", counts=(
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
             "num_attention_heads", "max_position_embeddings"),
             optional_counts=("num_key_value_heads", "head_dim", "sliding_window"),
@@ -233,17 +213,17 @@ class VipLlavaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> VipLlavaConfig:
-        _check_object(d, "config.json")
+        check_object(d, "config.json")
         model_type = d.get("model_type")
         if model_type != "vipllava":
             raise ConfigError(f"config.json has model_type {model_type!r}, expected 'vipllava'")
-        _check_object(d, "config.json")
+        check_object(d, "config.json")
         # An explicit null is a broken file, not a sparse one: it would silently give Llama-7B.
         if "text_config" in d:
-            _check_object(d["text_config"], "config.json's text_config")
+            check_object(d["text_config"], "config.json's text_config")
         vision = d.get("vision_config")
         if vision is not None:
-            _check_object(vision, "config.json's vision_config")
+            check_object(vision, "config.json's vision_config")
         vision = CLIPVisionConfig.from_hf_dict(
             {**_VIPLLAVA_VISION_OVERRIDES, **vision} if vision else _VIPLLAVA_VISION_OVERRIDES
         )
@@ -291,7 +271,7 @@ class VipLlavaConfig:
             d = json.loads(file.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{file} is not valid JSON: {e}") from None
-        _check_object(d, str(file))
+        check_object(d, str(file))
         return cls.from_hf_dict(d)
 
     def save_pretrained(self, path: str | Path, *, dtype: str | None = None) -> None:
