@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -23,45 +21,11 @@ import torch
 from flax import nnx
 
 from tests.helpers import make_hf_model, make_inputs, save_hf_model, torch_forward
+from tests.helpers.convert import ATOL, SIDE_FILES, add_side_files, convert, jax_logits, max_err, safetensors_header
 from vipllava_jax.checkpoint import MARKER, PARAMS_DIR
-from vipllava_jax.convert.cli import main
 from vipllava_jax.models.vipllava.modeling import VipLlavaForConditionalGeneration
 
-SIDE_FILES = {
-    "tokenizer_config.json": json.dumps({"model_max_length": 4096, "padding_side": "left"}),
-    "special_tokens_map.json": json.dumps({"bos_token": "<s>", "pad_token": "<pad>"}),
-    "preprocessor_config.json": json.dumps({"crop_size": {"height": 28, "width": 28}}),
-}
-ATOL = 1e-4
-
-
 # -- helpers -----------------------------------------------------------------------------------
-
-@nnx.jit
-def _logits(model, input_ids, pixel_values, attention_mask):
-    return model(input_ids, pixel_values, attention_mask).logits
-
-
-def jax_logits(folder, inputs, **kw) -> np.ndarray:
-    model = VipLlavaForConditionalGeneration.from_pretrained(folder, **kw)
-    return np.asarray(_logits(model, inputs["input_ids"], inputs["pixel_values"], inputs["attention_mask"]))
-
-
-def max_err(ours: np.ndarray, ref: np.ndarray, inputs) -> float:
-    """Largest difference over the non-padding positions."""
-    keep = inputs["attention_mask"].astype(bool)
-    return float(np.abs(ours.astype(np.float32) - ref)[keep].max())
-
-
-def add_side_files(folder: Path) -> Path:
-    for name, text in SIDE_FILES.items():
-        (folder / name).write_text(text)
-    return folder
-
-
-def convert(*args) -> int:
-    return main([str(a) for a in args])
-
 
 def bf16_rounded(model):
     """A copy of `model` whose weights are rounded to bfloat16 (kept in float32)."""
@@ -91,15 +55,6 @@ def assert_clean_load(info):
 
 
 # -- fixtures ----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    """(transformers model, HF folder with side files, inputs, reference logits)."""
-    model = make_hf_model(seed=1)
-    src = add_side_files(save_hf_model(model, tmp_path_factory.mktemp("untied") / "hf"))
-    inputs = make_inputs(model.config)
-    return model, src, inputs, torch_forward(model, inputs)[0]
-
 
 @pytest.fixture(scope="module")
 def untied_orbax(untied, tmp_path_factory):
@@ -218,7 +173,7 @@ def test_round_trip(case, untied, untied_orbax, tied, tmp_path):
         assert not (back / "model.safetensors.index.json").exists()
     for name, text in SIDE_FILES.items():
         assert (back / name).read_text() == text, name
-    stored = {k for f in shards for k in _header(f)}
+    stored = {k for f in shards for k in safetensors_header(f)}
     assert ("language_model.lm_head.weight" in stored) == (case != "tied")
     assert all(k.startswith(("language_model.", "vision_tower.", "multi_modal_projector.")) for k in stored)
 
@@ -232,291 +187,3 @@ def test_round_trip(case, untied, untied_orbax, tied, tmp_path):
         assert torch.equal(restored[k], v), k
     logits, _ = torch_forward(loaded, inputs)
     np.testing.assert_array_equal(logits, ref)
-
-
-# -- bad input -----------------------------------------------------------------------------------
-
-def _rewrite_safetensors(folder: Path, edit) -> None:
-    from safetensors.torch import load_file, save_file
-
-    file = folder / "model.safetensors"
-    tensors = load_file(file)
-    edit(tensors)
-    save_file(tensors, file, metadata={"format": "pt"})
-
-
-def _header(file: Path) -> dict:
-    data = file.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    header.pop("__metadata__", None)
-    return header
-
-
-def _last_tensor(file: Path) -> str:
-    header = _header(file)
-    return max(header, key=lambda k: header[k]["data_offsets"][1])
-
-
-def _edit_config(folder: Path, edit) -> None:
-    cfg = json.loads((folder / "config.json").read_text())
-    edit(cfg)
-    (folder / "config.json").write_text(json.dumps(cfg))
-
-
-def _truncate(folder: Path) -> list[str]:
-    file = folder / "model.safetensors"
-    last = _last_tensor(file)
-    data = file.read_bytes()
-    file.write_bytes(data[:-100])
-    return ["truncated", last]
-
-
-def _corrupt_header(folder: Path) -> list[str]:
-    file = folder / "model.safetensors"
-    data = bytearray(file.read_bytes())
-    data[8:24] = b"\xff" * 16
-    file.write_bytes(bytes(data))
-    return ["corrupt safetensors header", "model.safetensors"]
-
-
-def _bad_header_length(folder: Path) -> list[str]:
-    file = folder / "model.safetensors"
-    data = bytearray(file.read_bytes())
-    data[:8] = struct.pack("<Q", 2**40)
-    file.write_bytes(bytes(data))
-    return ["truncated safetensors file", "model.safetensors"]
-
-
-def _missing(folder: Path) -> list[str]:
-    key = "language_model.model.layers.1.mlp.down_proj.weight"
-    _rewrite_safetensors(folder, lambda t: t.pop(key))
-    return ["missing weight", key]
-
-
-def _unexpected(folder: Path) -> list[str]:
-    key = "language_model.model.layers.0.mlp.extra_proj.weight"
-    _rewrite_safetensors(folder, lambda t: t.__setitem__(key, torch.zeros(2, 2)))
-    return ["unexpected weight", key]
-
-
-def _shape_mismatch(folder: Path) -> list[str]:
-    key = "multi_modal_projector.linear_1.weight"
-    _rewrite_safetensors(folder, lambda t: t.__setitem__(key, t[key][:, :-1].contiguous()))
-    return ["shape mismatch", key]
-
-
-def _stored_twice(folder: Path) -> list[str]:
-    key = "vision_tower.vision_model.pre_layrnorm.weight"  # 4.37 spelling of vision_tower.pre_layrnorm.weight
-    _rewrite_safetensors(folder, lambda t: t.__setitem__(key, t["vision_tower.pre_layrnorm.weight"].clone()))
-    return ["stored twice", "pre_layrnorm.weight"]
-
-
-def _other_model_type(folder: Path) -> list[str]:
-    _edit_config(folder, lambda c: c.__setitem__("model_type", "llava"))
-    return ["model_type 'llava'"]
-
-
-def _other_text_model(folder: Path) -> list[str]:
-    _edit_config(folder, lambda c: c["text_config"].__setitem__("model_type", "gemma"))
-    return ["text_config model_type 'gemma'"]
-
-
-def _no_config(folder: Path) -> list[str]:
-    (folder / "config.json").unlink()
-    return ["no config.json"]
-
-
-def _config_not_json(folder: Path) -> list[str]:
-    (folder / "config.json").write_text('{"model_type": "vipllava",')
-    return ["config.json", "not valid JSON"]
-
-
-def _no_weights(folder: Path) -> list[str]:
-    (folder / "model.safetensors").unlink()
-    return ["no weights"]
-
-
-def _missing_shard(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(folder / "model.safetensors", "pt") as f:
-        keys = list(f.keys())
-    weight_map = dict.fromkeys(keys, "model.safetensors")
-    weight_map[keys[0]] = "model-00002-of-00002.safetensors"
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return ["model-00002-of-00002.safetensors", "missing"]
-
-
-def _truncated_bin(folder: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(folder / "model.safetensors")
-    (folder / "model.safetensors").unlink()
-    torch.save(tensors, folder / "pytorch_model.bin")
-    data = (folder / "pytorch_model.bin").read_bytes()
-    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
-    return ["pytorch_model.bin", "cannot read PyTorch checkpoint"]
-
-
-def _header_not_object(folder: Path) -> list[str]:
-    blob = b"[1, 2]  "
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob)
-    return ["corrupt safetensors header"]
-
-
-def _bin_with_object(folder: Path) -> list[str]:
-    """A pickle that weights_only refuses (torch's own message spans several lines)."""
-    import fractions
-
-    (folder / "model.safetensors").unlink()
-    torch.save({"multi_modal_projector.linear_1.weight": fractions.Fraction(1, 3)}, folder / "pytorch_model.bin")
-    return ["pytorch_model.bin", "fractions.Fraction"]
-
-
-def _bin_with_non_tensor(folder: Path) -> list[str]:
-    from safetensors.torch import load_file
-
-    tensors = load_file(folder / "model.safetensors")
-    (folder / "model.safetensors").unlink()
-    torch.save({**tensors, "step": 3}, folder / "pytorch_model.bin")
-    return ["pytorch_model.bin", "step is not a tensor"]
-
-
-def _set_offsets(folder: Path, edit) -> None:
-    """Rewrites the header of model.safetensors with `edit(header)` applied (same data)."""
-    file = folder / "model.safetensors"
-    data = file.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
-    edit(header)
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    file.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n:])
-
-
-def _tensor_at(header: dict, rank: int) -> str:
-    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-    return names[rank]
-
-
-def _negative_offset(folder: Path) -> list[str]:
-    def edit(h):
-        e = h[_tensor_at(h, 0)]
-        size = e["data_offsets"][1] - e["data_offsets"][0]
-        e["data_offsets"] = [-size, 0]
-    _set_offsets(folder, edit)
-    return ["corrupt header entry", "offsets [-"]
-
-
-def _huge_negative_offset(folder: Path) -> list[str]:
-    _set_offsets(folder, lambda h: h[_tensor_at(h, 0)].__setitem__("data_offsets", [-10**9, -10**9 + 4]))
-    return ["corrupt header entry"]
-
-
-def _overlapping_offsets(folder: Path) -> list[str]:
-    def edit(h):  # the second tensor reads the first one's bytes
-        first, second = h[_tensor_at(h, 0)], h[_tensor_at(h, 1)]
-        second.update(dtype=first["dtype"], shape=first["shape"], data_offsets=first["data_offsets"])
-    _set_offsets(folder, edit)
-    return ["corrupt tensor offsets", "overlaps"]
-
-
-def _gap_in_offsets(folder: Path) -> list[str]:
-    def edit(h):  # the first tensor starts later: a hole before it, and it overlaps the next
-        e = h[_tensor_at(h, 0)]
-        e["data_offsets"] = [e["data_offsets"][0] + 8, e["data_offsets"][1] + 8]
-    _set_offsets(folder, edit)
-    return ["corrupt tensor offsets", "gap of 8 bytes"]
-
-
-def _trailing_bytes(folder: Path) -> list[str]:
-    with open(folder / "model.safetensors", "ab") as f:
-        f.write(b"\0" * 64)
-    return ["64 bytes after the last tensor"]
-
-
-def _weight_map_list(folder: Path) -> list[str]:
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
-    return ["not a valid weight index", "got a list"]
-
-
-BAD_INPUTS = {f.__name__.lstrip("_"): f for f in (
-    _missing, _unexpected, _shape_mismatch, _stored_twice, _truncate, _corrupt_header,
-    _bad_header_length, _header_not_object, _other_model_type, _other_text_model, _no_config,
-    _config_not_json, _no_weights, _missing_shard, _truncated_bin, _bin_with_object,
-    _bin_with_non_tensor, _negative_offset, _huge_negative_offset, _overlapping_offsets,
-    _gap_in_offsets, _trailing_bytes, _weight_map_list,
-)}
-
-
-def _leftovers(parent: Path, name: str) -> list[str]:
-    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
-
-
-def _assert_one_error_line(capsys, *needles) -> str:
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("vipllava-convert: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_fails_cleanly(case, untied, tmp_path, capsys):
-    src = tmp_path / "hf"
-    shutil.copytree(untied[1], src)
-    needles = BAD_INPUTS[case](src)
-    out = tmp_path / "out"
-    out.mkdir()
-    capsys.readouterr()
-    assert convert("hf-to-orbax", src, out / "orbax") == 2
-    _assert_one_error_line(capsys, *needles)
-    assert not (out / "orbax").exists()
-    assert os.listdir(out) == []  # no temporary sibling left behind
-
-
-def test_existing_destination(untied, tmp_path, capsys):
-    _, src, inputs, ref = untied
-    dst = tmp_path / "orbax"
-    dst.mkdir()
-    (dst / "keep.txt").write_text("old")
-    capsys.readouterr()
-
-    assert convert("hf-to-orbax", src, dst) == 2
-    _assert_one_error_line(capsys, "already exists", str(dst), "--overwrite")
-    assert os.listdir(dst) == ["keep.txt"] and (dst / "keep.txt").read_text() == "old"
-
-    # --overwrite with a broken source leaves the old folder as it was.
-    broken = tmp_path / "broken"
-    shutil.copytree(src, broken)
-    _missing(broken)
-    assert convert("hf-to-orbax", broken, dst, "--overwrite") == 2
-    _assert_one_error_line(capsys, "missing weight")
-    assert os.listdir(dst) == ["keep.txt"]
-    assert sorted(os.listdir(tmp_path)) == ["broken", "orbax"]
-
-    assert convert("hf-to-orbax", src, dst, "--overwrite") == 0
-    assert not (dst / "keep.txt").exists() and (dst / MARKER).is_file()
-    assert sorted(os.listdir(tmp_path)) == ["broken", "orbax"]
-    assert max_err(jax_logits(dst, inputs), ref, inputs) <= ATOL
-
-    # orbax-to-hf refuses an existing destination too, and a source that is not an Orbax folder.
-    capsys.readouterr()
-    assert convert("orbax-to-hf", dst, broken) == 2
-    _assert_one_error_line(capsys, "already exists")
-    assert convert("orbax-to-hf", src, tmp_path / "back") == 2
-    _assert_one_error_line(capsys, "not a vipllava-jax Orbax folder")
-    assert sorted(os.listdir(tmp_path)) == ["broken", "orbax"]
-
-    # A destination whose parent is a file: one line, nothing written.
-    (tmp_path / "file").write_text("x")
-    capsys.readouterr()
-    assert convert("orbax-to-hf", dst, tmp_path / "file" / "back") == 2
-    _assert_one_error_line(capsys, "Not a directory")
-    # A file as destination is replaced with --overwrite, leaving no sibling behind.
-    assert convert("orbax-to-hf", dst, tmp_path / "file", "--overwrite") == 0
-    assert (tmp_path / "file" / "model.safetensors").is_file()
-    assert sorted(os.listdir(tmp_path)) == ["broken", "file", "orbax"]
