@@ -17,13 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vipllava_jax import hub
+from vipllava_jax import hub, storage
 from vipllava_jax.checkpoint import (
     MARKER,
     atomic_output,
     copy_side_files,
     flat_state,
     is_orbax_folder,
+    mark_complete,
     normalize_dtype,
     write_hf_folder,
     write_orbax_folder,
@@ -38,7 +39,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False, projec
     """Converts an HF folder of any registered family to an Orbax folder; returns `dst`.
     `projector`: a weight file (the original's stage-1 `mm_projector.bin`) whose tensors
     replace the folder's of the same name."""
-    src, dst = hub.resolve(src), Path(dst)
+    src, dst = hub.resolve(src), storage.path(dst)
     family = family_of(src)
     config = family.config_class.from_pretrained(src)
     dtype = normalize_dtype(dtype or config.dtype)
@@ -56,15 +57,17 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite=False, progress=False, projec
         write_orbax_folder(tmp, params, config, dtype)
         del params
         copy_side_files(src, tmp)
-        if family.side_files is not None:
-            family.side_files(src, tmp, config)
+        if family.side_files is not None:  # transformers writes local folders only
+            with storage.staged(tmp) as local:
+                family.side_files(storage.local_mirror(src), local, config)
+        mark_complete(tmp)
     return dst
 
 
 def orbax_to_hf(src, dst, *, overwrite=False, max_shard_bytes=5 * 2**30, progress=False) -> Path:
     """Converts an Orbax folder, or a training run's output folder (its latest complete
     checkpoint, LoRA merged), back to a folder transformers loads."""
-    src, dst = Path(src), Path(dst)
+    src, dst = storage.path(src), storage.path(dst)
     if is_training_run(src):
         model = load_trained_model(src)
     elif is_orbax_folder(src):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vipllava_jax import storage
 from vipllava_jax.errors import CheckpointError
 
 # Configs, tokenizer and processor files (json, sentencepiece, vocab/merges, chat templates).
@@ -21,19 +22,19 @@ WEIGHTS = (("*.safetensors",), ("*.bin",))  # in order of preference
 def is_hub_id(name: str | os.PathLike) -> bool:
     """`org/name` or `name` that is not an existing path (a hub repository id's shape)."""
     text = os.fspath(name)
-    if Path(text).exists() or text.startswith((".", "/", "~")) or text.endswith("/"):
+    if storage.is_remote(text) or Path(text).exists() or text.startswith((".", "/", "~")) or text.endswith("/"):
         return False
     parts = text.split("/")
     return 1 <= len(parts) <= 2 and all(p and p.strip() == p and "\\" not in p for p in parts)
 
 
 def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder for `path_or_id`: the path itself, or the cached snapshot of a hub id
+    """A folder for `path_or_id`: the path itself (a `gs://` URL: an epath.Path), or the cached snapshot of a hub id
     (downloaded first unless `HF_HUB_OFFLINE` is set). One-line `CheckpointError` otherwise."""
     if not is_hub_id(path_or_id):
         if revision is not None:
             raise CheckpointError(f"revision={revision!r} applies to hub ids, not to the folder {path_or_id}")
-        return Path(path_or_id)
+        return storage.path(path_or_id)
     repo_id = os.fspath(path_or_id)
     from huggingface_hub import snapshot_download  # (slow to import: only for hub ids)
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError

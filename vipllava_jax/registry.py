@@ -17,6 +17,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 from flax import nnx
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.mapping import KeyMapping
 from vipllava_jax.errors import ConfigError
 from vipllava_jax.models.ved import mapping as ved_mapping
@@ -148,7 +149,7 @@ STAGES: frozenset[str] = frozenset(s for f in FAMILIES.values() for s in f.model
 def read_model_type(path: str | Path) -> str | None:
     """The `model_type` of a folder's config.json (None when unreadable: the caller reports it)."""
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+        return json.loads((storage.path(path) / "config.json").read_text()).get("model_type")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
 

@@ -4,8 +4,13 @@ An Orbax folder written here holds:
 
     config.json        the HF config (transformers 5.x dialect), `dtype` = the stored dtype
     params/            an Orbax checkpoint of the parameters, nested by our module paths
-    vipllava_jax.json  a marker with the format version
+    vipllava_jax.json  a marker with the format version, written last
     tokenizer/processor files copied from the HF source, if any
+
+Folders may be local or `gs://` (`vipllava_jax.storage`). Locally a folder is written to a
+temporary sibling and renamed when complete. On an object store, where a folder rename is a
+copy, it is written in place behind a claim object, and the file a reader checks first (the
+marker here, config.json in an HF folder) is written last.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.hf import is_weight_file, read_hf_params, write_hf_params
 from vipllava_jax.checkpoint.mapping import KeyMapping
 from vipllava_jax.errors import CheckpointError
@@ -43,7 +49,7 @@ def normalize_dtype(dtype) -> str:
 
 
 def is_orbax_folder(path: str | Path) -> bool:
-    return (Path(path) / MARKER).is_file()
+    return (storage.path(path) / MARKER).is_file()
 
 
 # -- flat path dicts <-> nested trees ---------------------------------------------------------
@@ -82,7 +88,12 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False):
 
     The temporary folder is `.DST.tmp-PID`; those of processes no longer running (killed
     converters) are removed first. Without `overwrite`, a `dst` that another process wrote
-    meanwhile is an error and stays as that process wrote it."""
+    meanwhile is an error and stays as that process wrote it. A `gs://` destination: see
+    `_remote_output`."""
+    if storage.is_remote(dst):
+        with _remote_output(storage.path(dst), overwrite) as out:
+            yield out
+        return
     dst = Path(dst).absolute()
     if (dst.exists() or dst.is_symlink()) and not overwrite:
         what = "a dangling symbolic link" if not dst.exists() else "already exists"
@@ -97,6 +108,35 @@ def atomic_output(dst: str | Path, *, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+CLAIM = ".vipllava_jax.writing"
+
+
+@contextlib.contextmanager
+def _remote_output(dst, overwrite: bool):
+    """Yields `dst` itself, claimed by a create-if-absent object `dst/CLAIM` (a second writer
+    fails at once); on failure everything written is removed; the claim goes last. Readers
+    look for the marker (or config.json), which the writer writes after everything else."""
+    if any(True for _ in _iter_or_empty(dst)):
+        if not overwrite:
+            raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
+        storage.rmtree(dst)
+    if not storage.create_exclusive(dst / CLAIM, f"{os.getpid()}\n"):
+        raise CheckpointError(f"{dst} is being written by another process")
+    try:
+        yield dst
+    except BaseException:
+        storage.rmtree(dst)
+        raise
+    (dst / CLAIM).unlink()
+
+
+def _iter_or_empty(folder):
+    try:
+        yield from folder.iterdir()
+    except (FileNotFoundError, NotADirectoryError):
+        return
 
 
 def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
@@ -164,7 +204,7 @@ def save_params(params: dict[str, object], path: Path) -> None:
     absl_logger.addFilter(_skip_ocdbt_merge_warning)
     absl_logger.addFilter(_skip_errors)  # a failed write: its reason is the CheckpointError's
     try:
-        ckptr.save(Path(path).absolute(), nest(params))
+        ckptr.save(storage.absolute(path), nest(params))
         ckptr.wait_until_finished()
     except Exception as e:  # noqa: BLE001 - tensorstore's errors span many lines
         raise CheckpointError(f"cannot write {path}: {_short_reason(e)}") from None
@@ -202,7 +242,7 @@ def _skip_ocdbt_merge_warning(record: logging.LogRecord) -> bool:
 
 def restore_params(path: Path, target: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """Restores onto `target`'s shapes, dtypes (cast if stored otherwise) and shardings."""
-    path = Path(path).absolute()
+    path = storage.absolute(path)
     ckptr = ocp.StandardCheckpointer()
     try:
         stored = flatten(ckptr.metadata(path).item_metadata.tree)
@@ -235,7 +275,7 @@ def load_into(abstract, path: str | Path, *, param_dtype, mapping: KeyMapping, t
               mesh=None, rules=None):
     """An abstract model (`Model.abstract(...)`) filled from an Orbax or an HF folder, each
     parameter in `param_dtype`, sharded on `mesh` by the logical-axis rules if given."""
-    path = Path(path)
+    path = storage.path(path)
     graphdef, state = nnx.split(abstract)
     flat = flat_state(state)
     if mesh is not None:
@@ -264,10 +304,15 @@ def model_params(model: nnx.Module) -> dict[str, jax.Array]:
 
 
 def write_orbax_folder(tmp: Path, params: dict, config, dtype: str) -> None:
-    """Params, config.json (any model family's config, saying `dtype`) and the format marker."""
+    """Params and config.json (any model family's config, saying `dtype`); `mark_complete`
+    then ends the folder."""
     save_params(params, tmp / PARAMS_DIR)
     config.save_pretrained(tmp, dtype=dtype)
-    (tmp / MARKER).write_text(json.dumps(FORMAT) + "\n")
+
+
+def mark_complete(folder: Path) -> None:
+    """The format marker: written last, it says the Orbax folder is whole."""
+    (folder / MARKER).write_text(json.dumps(FORMAT) + "\n")
 
 
 def save_model(model, path, *, overwrite=False) -> None:
@@ -276,6 +321,7 @@ def save_model(model, path, *, overwrite=False) -> None:
     dtype = normalize_dtype(next(iter(params.values())).dtype)
     with atomic_output(path, overwrite=overwrite) as tmp:
         write_orbax_folder(tmp, params, model.config, dtype)
+        mark_complete(tmp)
 
 
 def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping, overwrite=False,
@@ -283,23 +329,23 @@ def write_hf_folder(model, side_files_from, dst, *, mapping: KeyMapping, overwri
                     skip: tuple[str, ...] = ()) -> Path:
     """`model`'s weights as safetensors (names from `mapping`) + config.json in the weights'
     dtype, with the tokenizer and processor files of `side_files_from` (but `skip`), and the
-    JSON files of `defaults` that the source lacks, written atomically."""
-    dst = Path(dst)
+    JSON files of `defaults` that the source lacks, written atomically (config.json last)."""
+    dst = storage.path(dst)
     params = model_params(model)
     dtype = normalize_dtype(next(iter(params.values())).dtype)
     with atomic_output(dst, overwrite=overwrite) as tmp:
         write_hf_params(params, tmp, max_shard_bytes=max_shard_bytes, progress=progress, mapping=mapping)
-        model.config.save_pretrained(tmp, dtype=dtype)
-        copy_side_files(Path(side_files_from), tmp, skip=skip)
+        copy_side_files(side_files_from, tmp, skip=skip)
         for name, content in (defaults or {}).items():
             if not (tmp / name).exists():
                 (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+        model.config.save_pretrained(tmp, dtype=dtype)
     return dst
 
 
 def copy_side_files(src: Path, dst: Path, *, skip: tuple[str, ...] = ()) -> None:
     """Tokenizer, processor and generation files travel with the weights."""
     skip = {"config.json", MARKER, *skip}
-    for f in src.iterdir():
+    for f in storage.path(src).iterdir():
         if f.is_file() and f.name not in skip and not is_weight_file(f.name) and not f.name.startswith("."):
-            shutil.copy2(f, dst / f.name)
+            storage.copy_file(f, dst / f.name)

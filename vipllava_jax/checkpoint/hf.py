@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.mapping import KeyMapping, hf_shape
 from vipllava_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from vipllava_jax.errors import CheckpointError
@@ -46,8 +47,14 @@ def _open_bin(path: Path) -> TensorTable:
         import torch
     except ImportError:
         raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
+    if storage.is_remote(path):  # torch reads local files: a copy in memory
+        import io
+
+        path_or_buffer = io.BytesIO(storage.retry(path.read_bytes, what=str(path)))
+    else:
+        path_or_buffer = path
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path_or_buffer, map_location="cpu", weights_only=True, mmap=not storage.is_remote(path))
     except Exception as e:  # torch raises many types for corrupt or truncated zips
         # torch's messages span several lines; keep the line that names the cause.
         msg = " ".join(str(e).split())
@@ -64,7 +71,7 @@ def _open_bin(path: Path) -> TensorTable:
 
 def open_weight_file(path: str | Path) -> TensorTable:
     """The tensors of one weight file (safetensors or a PyTorch `.bin`), by stored key."""
-    return _open_file(Path(path))
+    return _open_file(storage.path(path))
 
 
 def _open_file(path: Path) -> TensorTable:
@@ -78,7 +85,7 @@ def _open_file(path: Path) -> TensorTable:
 
 def open_hf_weights(folder: str | Path) -> TensorTable:
     """All tensors of an HF checkpoint folder, by the key they are stored under."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     for index in WEIGHT_INDEXES:
         if (folder / index).is_file():
             try:
@@ -170,7 +177,7 @@ def write_hf_params(
     mapping: KeyMapping,
 ) -> None:
     """Writes our parameters as transformers 5.x safetensors (sharded above max_shard_bytes)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     entries = []
     for path in sorted(params):
         array = params[path]

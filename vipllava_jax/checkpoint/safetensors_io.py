@@ -4,6 +4,7 @@ Why not `safetensors.numpy`: its loaders return whole files, cannot name the ten
 truncated file cuts off, and numpy has no bfloat16 without ml_dtypes. The format is tiny
 (8-byte little-endian header length, a JSON header, then raw little-endian bytes), so reading
 it here gives zero-copy memory-mapped tensors, bfloat16 via ml_dtypes, and precise errors.
+A `gs://` file is read tensor by tensor with ranged reads (`vipllava_jax.storage`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from vipllava_jax import storage
 from vipllava_jax.errors import CheckpointError
 
 DTYPES: dict[str, np.dtype] = {
@@ -32,9 +34,10 @@ class SafetensorsFile:
     """The header of one .safetensors file; `read(name)` maps and copies one tensor."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
+        self.path = storage.path(path)
+        self.remote = storage.is_remote(self.path)
+        size = storage.size(self.path)
+        with self.path.open("rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise CheckpointError(f"{self.path}: truncated safetensors file (no header)")
@@ -95,10 +98,20 @@ class SafetensorsFile:
         return self.entries[name][1]
 
     def read(self, name: str) -> np.ndarray:
-        """A memory-mapped view of one tensor (pages are read on first touch)."""
-        dtype, shape, begin, _ = self.entries[name]
+        """A memory-mapped view of one tensor (pages are read on first touch); a remote file's
+        tensor is read whole with one ranged read."""
+        dtype, shape, begin, end = self.entries[name]
         if math.prod(shape) == 0:
             return np.zeros(shape, dtype)
+        if self.remote:
+            def read():
+                with self.path.open("rb") as f:
+                    f.seek(self.data_start + begin)
+                    return f.read(end - begin)
+            data = storage.retry(read, what=f"{self.path} ({name})")
+            if len(data) != end - begin:
+                raise CheckpointError(f"{self.path}: truncated read of tensor {name}")
+            return np.frombuffer(data, dtype).reshape(shape)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + begin, shape=shape)
 
 
@@ -118,7 +131,7 @@ def write_safetensors(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
+    with storage.path(path).open("wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, shape, dtype, make in tensors:

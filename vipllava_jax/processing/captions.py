@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from vipllava_jax import hub
+from vipllava_jax import hub, storage
 from vipllava_jax.errors import ConfigError
 from vipllava_jax.processing.images import quiet_transformers
 
@@ -35,7 +35,7 @@ def _pil_class(name: str):
 def image_preprocessor(path: str | Path, image_size: int | tuple[int, int]) -> Callable[[PIL.Image.Image], np.ndarray]:
     """RGB PIL image -> `[3, H, W]` float32, as the checkpoint at `path` (a folder or a hub
     id) expects."""
-    path = hub.resolve(path)
+    path = storage.local_mirror(hub.resolve(path))  # transformers reads local files
     file = path / "preprocessor_config.json"
     if file.is_file():
         d = json.loads(file.read_text())

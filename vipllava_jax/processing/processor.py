@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from vipllava_jax import hub
+from vipllava_jax import hub, storage
 from vipllava_jax.errors import ConfigError, VipLlavaError
 from vipllava_jax.models.vipllava.config import VipLlavaConfig
 from vipllava_jax.processing.images import (  # noqa: F401  (public here too)
@@ -155,7 +155,7 @@ class VipLlavaProcessor:
             ConfigError: nothing says how to preprocess images or how many tokens an image takes,
                 or the model config disagrees with the tokenizer on the image token id.
         """
-        path = hub.resolve(path, revision=revision)
+        path = storage.local_mirror(hub.resolve(path, revision=revision))  # transformers reads local files
         proc_cfg = _read_json(path / "processor_config.json") or {}
         image_cfg = proc_cfg.get("image_processor") or _read_json(path / "preprocessor_config.json")
         model_cfg = _read_json(path / "config.json") or {}
@@ -419,7 +419,7 @@ def load_tokenizer(path: str | Path):
     Raises:
         ConfigError: the folder has no tokenizer files, or transformers cannot read them.
     """
-    path = Path(path)
+    path = storage.local_mirror(path)
     if path.is_dir() and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise ConfigError(
             f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); copy the tokenizer "

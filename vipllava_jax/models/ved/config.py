@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.config_checks import check_numbers, check_object
 from vipllava_jax.errors import ConfigError
 
@@ -406,7 +407,7 @@ class VisionEncoderDecoderConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VisionEncoderDecoderConfig:
-        file = Path(path) / "config.json"
+        file = storage.path(path) / "config.json"
         try:
             d = json.loads(file.read_text())
         except FileNotFoundError:
@@ -419,4 +420,4 @@ class VisionEncoderDecoderConfig:
         """Writes the HF config back (transformers 5 spelling: `dtype`)."""
         d = {k: v for k, v in self.hf_dict.items() if k != "torch_dtype"}
         d["dtype"] = dtype or self.dtype
-        (Path(path) / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        (storage.path(path) / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")

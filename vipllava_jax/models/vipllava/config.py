@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.config_checks import check_numbers, check_object
 from vipllava_jax.errors import ConfigError
 
@@ -263,7 +264,7 @@ class VipLlavaConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> VipLlavaConfig:
         """Reads `path/config.json` (or `path` itself when it is a JSON file)."""
-        path = Path(path)
+        path = storage.path(path)
         file = path if path.suffix == ".json" else path / "config.json"
         if not file.is_file():
             raise ConfigError(f"no config.json in {path}")
@@ -277,4 +278,4 @@ class VipLlavaConfig:
     def save_pretrained(self, path: str | Path, *, dtype: str | None = None) -> None:
         """Writes config.json (its `dtype` replaced by `dtype` when given)."""
         config = self if dtype is None else dataclasses.replace(self, dtype=dtype)
-        Path(path, "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        (storage.path(path) / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")

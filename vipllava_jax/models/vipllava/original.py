@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from vipllava_jax import storage
 from vipllava_jax.checkpoint.hf import open_hf_weights
 from vipllava_jax.checkpoint.mapping import KeyMapping
 from vipllava_jax.errors import CheckpointError, ConfigError
@@ -98,7 +99,7 @@ ORIGINAL = KeyMapping(hf_key_for, original_key, IGNORED_KEYS, ("language_model.l
 def is_original(path: str | Path) -> bool:
     """A folder whose config.json is in the original layout."""
     try:
-        return json.loads((Path(path) / "config.json").read_text()).get("model_type") == MODEL_TYPE
+        return json.loads((storage.path(path) / "config.json").read_text()).get("model_type") == MODEL_TYPE
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -127,7 +128,7 @@ def _tower_config(folder: Path) -> CLIPVisionConfig:
 
 def config_from_original(folder: str | Path, d: dict[str, Any] | None = None) -> VipLlavaConfig:
     """The VipLlavaConfig of an original-layout folder (vocabulary already grown)."""
-    folder = Path(folder)
+    folder = storage.path(folder)
     if d is None:
         d = json.loads((folder / "config.json").read_text())
     tower = d.get("mm_vision_tower", "clip_4layers_336")
