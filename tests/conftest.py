@@ -40,3 +40,19 @@ def hf_veds(tmp_path_factory):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A running in-memory GCS emulator (tests.helpers.gcs.GcsEmulator); the process env points
+    tensorstore/Orbax, gcsfs/epath and google-cloud-storage at it for the rest of the session."""
+    from tests.helpers.gcs import GcsEmulator
+
+    with GcsEmulator() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def gcs_bucket(gcs):
+    """A fresh, empty bucket on the emulator, as "gs://<unique-name>"."""
+    return gcs.bucket()
