@@ -65,7 +65,18 @@ def path(p: PathLike):
         from etils import epath
     except ImportError:
         raise StorageError(f"{text}: gs:// paths need gcsfs (pip install \"vipllava-jax[gcs]\")") from None
+    _no_listing_cache()
     return epath.Path(text)
+
+
+@functools.cache
+def _no_listing_cache() -> None:
+    """gcsfs caches folder listings per process: another process's new checkpoint or marker
+    would stay unseen. Set before the first filesystem is made (fsspec's per-protocol config)."""
+    import fsspec.config
+
+    for protocol in ("gs", "gcs"):
+        fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
 
 
 def absolute(p: PathLike):
@@ -93,7 +104,6 @@ def rmtree(p: PathLike) -> None:
     fs, key = _fs(q)
     if fs.exists(key):
         fs.rm(key, recursive=True)
-    fs.invalidate_cache()
 
 
 def move_tree(src: PathLike, dst: PathLike) -> None:
@@ -105,7 +115,6 @@ def move_tree(src: PathLike, dst: PathLike) -> None:
     _, dst_key = _fs(path(dst))
     fs.copy(key, dst_key, recursive=True)
     fs.rm(key, recursive=True)
-    fs.invalidate_cache()
 
 
 def size(p: PathLike) -> int:
@@ -120,8 +129,8 @@ def _fs(p) -> tuple[Any, str]:
     """The fsspec filesystem of a remote path and its key there (bucket/object)."""
     import fsspec
 
-    text = os.fspath(p)
-    fs = fsspec.filesystem(text.split("://", 1)[0])
+    text = os.fspath(path(p))
+    fs = fsspec.filesystem("gcs", finalize_on_close=True)  # the instance epath.Path uses
     return fs, text.split("://", 1)[1].rstrip("/")
 
 
@@ -234,11 +243,16 @@ def delete_if_version(p: PathLike, version: object) -> bool:
 def _blob(p: PathLike):
     path(p)  # the one-line error when the client libraries are missing
     bucket, _, name = os.fspath(p).removeprefix("gs://").partition("/")
-    return _client().bucket(bucket).blob(name)
+    return _client(os.environ.get("STORAGE_EMULATOR_HOST")).bucket(bucket).blob(name)
 
 
 @functools.cache
-def _client():
+def _client(emulator: str | None):
+    """One client per endpoint (the real GCS, or an emulator named by STORAGE_EMULATOR_HOST)."""
     from google.cloud import storage as gcs
 
+    if emulator:
+        from google.auth.credentials import AnonymousCredentials
+
+        return gcs.Client(project="emulator", credentials=AnonymousCredentials())
     return gcs.Client()
