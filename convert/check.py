@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from vipllava_jax import hub, storage
 from vipllava_jax.errors import CheckpointError
 from vipllava_jax.registry import family_of
 
@@ -128,8 +129,12 @@ def _caption_inputs(config, rng) -> dict[str, np.ndarray]:
 
 def check_conversion(src: str | Path, dst: str | Path, *, seed: int = 0) -> CheckResult:
     """Runs the source with transformers and `dst` with ours on the same random input."""
+    with storage.local_copy(hub.resolve(src)) as local:  # transformers reads local folders
+        return _check(local, storage.path(dst), seed)
+
+
+def _check(src: Path, dst, seed: int) -> CheckResult:
     torch = _torch()
-    src, dst = Path(src), Path(dst)
     family = family_of(src)
     if family.model_type not in REFERENCES:
         raise CheckpointError(f"--check has no transformers reference for model_type {family.model_type!r}")

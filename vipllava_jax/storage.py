@@ -167,6 +167,19 @@ def staged(folder: PathLike) -> Iterator[pathlib.Path]:
                 copy_file(f, path(folder) / f.relative_to(tmp).as_posix())
 
 
+@contextlib.contextmanager
+def local_copy(folder: PathLike) -> Iterator[pathlib.Path]:
+    """`folder` itself when local; else a temporary local copy of it, whole (weights too),
+    removed after the block."""
+    if not is_remote(folder):
+        yield pathlib.Path(folder)
+        return
+    fs, key = _fs(folder)
+    with tempfile.TemporaryDirectory(prefix="vipllava_jax-") as tmp:
+        fs.get(key + "/", tmp + "/", recursive=True)
+        yield pathlib.Path(tmp)
+
+
 def retry(fn: Callable[[], T], *, what: str, attempts: int = 4, first_wait: float = 0.5) -> T:
     """`fn()`, again after 0.5, 1, 2 s when it fails with a transient error (a connection or
     server error of a remote read); a missing file or a bad argument fails at once."""

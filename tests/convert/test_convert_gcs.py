@@ -41,7 +41,8 @@ def test_hf_in_a_bucket_to_orbax_in_a_bucket_and_back(tiny_hf, gcs_bucket, tmp_p
     ref, _ = torch_forward(model, inputs)
     assert max_err(jax_logits(f"{gcs_bucket}/orbax", inputs), ref, inputs) <= ATOL
 
-    assert convert("orbax-to-hf", f"{gcs_bucket}/orbax", f"{gcs_bucket}/hf-again") == 0
+    # --check runs transformers on a local copy of the bucket folder
+    assert convert("orbax-to-hf", f"{gcs_bucket}/orbax", f"{gcs_bucket}/hf-again", "--check") == 0
     local = tmp_path / "hf-again"
     local.mkdir()
     for f in storage.path(f"{gcs_bucket}/hf-again").iterdir():
