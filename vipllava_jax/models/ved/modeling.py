@@ -125,8 +125,8 @@ class VisionEncoderDecoderModel(nnx.Module):
     def from_pretrained(cls, path: str | Path, *, dtype: DType = "float32", param_dtype: DType | None = None,
                         mesh: jax.sharding.Mesh | None = None, rules=None,
                         revision: str | None = None) -> VisionEncoderDecoderModel:
-        """Loads an Orbax folder written by `vipllava-convert hf-to-orbax`, an HF VED folder, or
-        a hub id (at `revision`; `vipllava_jax.hub`).
+        """Loads an Orbax folder written by `vipllava-convert hf-to-orbax`, an HF VED folder
+        (local or gs://), or a hub id (at `revision`; `vipllava_jax.hub`).
 
         With `mesh`, each parameter is restored straight onto it, sharded by the logical axis
         rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).

@@ -64,7 +64,7 @@ def from_encoder_decoder_pretrained(model_cls, encoder_path, decoder_path, *, dt
     """`model_cls` (VisionEncoderDecoderModel) from two HF folders or hub ids; `token_ids`
     (`decoder_start_token_id`, `pad_token_id`, ...) go into the new config, which otherwise has
     none (training and generate need the first two)."""
-    enc_path, dec_path = (Path(hub.resolve(p, revision=revision)) for p in (encoder_path, decoder_path))
+    enc_path, dec_path = (hub.resolve(p, revision=revision) for p in (encoder_path, decoder_path))
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
         read_config(enc_path, "encoder"), read_config(dec_path, "decoder"), **token_ids)
     model = model_cls.from_config(config, dtype=dtype, seed=seed)

@@ -125,8 +125,9 @@ class VipLlavaForConditionalGeneration(nnx.Module):
         """Loads a converted Orbax folder (or an HF VipLlava folder) as a ready model.
 
         Args:
-          path: a folder written by `vipllava-convert hf-to-orbax`, an HF checkpoint folder,
-            or a hub id such as "llava-hf/vip-llava-7b-hf" (at `revision`; `vipllava_jax.hub`).
+          path: a folder written by `vipllava-convert hf-to-orbax`, an HF checkpoint folder
+            (local or gs://), or a hub id such as "llava-hf/vip-llava-7b-hf" (at `revision`;
+            `vipllava_jax.hub`).
           dtype: compute dtype; parameters are stored in `param_dtype` (default: `dtype`).
           mesh: restore each parameter straight onto this mesh, sharded by the logical axis
             rules (`vipllava_jax.nn.sharding.LOGICAL_AXIS_RULES` unless `rules` is given).
