@@ -44,6 +44,7 @@ class CaptionDataLoader(RecordLoader):
         **fields: Any,
     ):
         """Args:
+            annotations, image_folder: as `RecordLoader`'s (local or `gs://`).
             tokenizer: a transformers fast tokenizer (its Rust tokenizer is copied, so that
                 worker threads can share it).
             preprocess: PIL RGB image -> `[3, H, W]` float32 (the model's image processor).

@@ -57,9 +57,9 @@ class TrainDataLoader(RecordLoader):
         """Reads the annotations (not the images) and checks the arguments.
 
         Args:
-            annotations: a JSON list or JSONL file of LLaVA records.
-            image_folder: the folder `record["image"]` is relative to (default: the
-                annotation file's folder).
+            annotations: a JSON list or JSONL file of LLaVA records, local or `gs://`.
+            image_folder: the folder `record["image"]` is relative to, local or `gs://`
+                (default: the annotation file's folder).
             processor: tokenizer, image token expansion and image preprocessing.
             options: batch size, max_length, order, hosts, workers, strictness.
             template: "vipllava" (the model card's format) or "llava_v1" (ViP-LLaVA's).

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.processing.images import load_image
 from vipllava_jax.train.data.records import SKIP_REASONS, STRICT_REASONS, Annotations, SkipRecord
@@ -116,9 +117,9 @@ class RecordLoader:
         """Reads the annotations (not the images).
 
         Args:
-            annotations: a JSON list or JSONL file of records.
-            image_folder: the folder `record["image"]` is relative to (default: the
-                annotation file's folder).
+            annotations: a JSON list or JSONL file of records, local or `gs://`.
+            image_folder: the folder `record["image"]` is relative to, local or `gs://`
+                (default: the annotation file's folder).
             options: the loader's settings.
             fields: `LoaderOptions` fields, replacing those of `options` (or making them, with
                 batch_size and max_length, when `options` is None).
@@ -130,7 +131,7 @@ class RecordLoader:
         self.options = options
         self.process_index, self.process_count = options.process_index, options.process_count
         self.annotations = Annotations(annotations, strict=options.strict)
-        self.image_folder = Path(image_folder) if image_folder else self.annotations.path.parent
+        self.image_folder = storage.path(image_folder) if image_folder else self.annotations.path.parent
         self.prefetch = max(options.prefetch or 2 * options.batch_size, options.num_workers, 1)
         self.records_per_epoch = len(range(self.process_index, len(self.annotations), self.process_count))
         if self.records_per_epoch == 0:
@@ -163,7 +164,11 @@ class RecordLoader:
 
     def _image(self, record: dict[str, Any], preprocess, mark=None) -> np.ndarray:
         """The record's one image, read from the image folder, passed through `mark` (PIL image
-        -> PIL image, e.g. drawing markers) and preprocessed."""
+        -> PIL image, e.g. drawing markers) and preprocessed. Runs in the workers: at most
+        `num_workers` images are read at once, from disk or a bucket (a `gs://` read is
+        retried on transient errors by `load_image`; the filesystem client is made in the
+        worker's own process). A missing or unreadable file, after the retries, skips the
+        record as `bad_image`."""
         image = record.get("image")
         if isinstance(image, list) and len(image) == 1:
             image = image[0]

@@ -4,9 +4,11 @@ the `SkipRecord` error that says why a record cannot be used."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 
 # Why a record was skipped; loaders count each as `skipped_<reason>`. The STRICT_REASONS are
@@ -34,20 +36,24 @@ class Annotations:
     """The records of a JSON list or JSONL file, kept as compact JSON bytes, parsed on demand.
 
     Attributes:
-        path: the file.
+        path: the file (`storage.path`: a pathlib.Path, or an epath.Path for `gs://`).
         jsonl: whether it is JSONL (one record per line) rather than a JSON list.
     """
 
     def __init__(self, path: str | Path, *, strict: bool = False):
-        """Reads `path`; blank JSONL lines are ignored.
+        """Reads `path` (local or `gs://`; a remote read is retried on transient errors); blank
+        JSONL lines are ignored.
 
         Raises:
             VipLlavaError: the file does not exist, a JSON list file does not parse, or (with
                 `strict`) a JSONL line does not parse (the message names the line).
         """
-        self.path = Path(path)
+        self.path = storage.path(path)
         try:
-            raw = self.path.read_bytes()
+            if storage.is_remote(self.path):
+                raw = storage.retry(self.path.read_bytes, what=os.fspath(self.path))
+            else:
+                raw = self.path.read_bytes()
         except OSError as e:
             raise VipLlavaError(f"cannot read annotations {self.path}: {e}") from None
         self.jsonl = not raw.lstrip().startswith(b"[")

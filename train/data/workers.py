@@ -7,6 +7,10 @@ and image decoding overlap the training step.
 - "processes": spawned processes, each with a pickled copy of the loader (without its
   annotations); a job sends one record's JSON line and returns the row and image. These are
   what scales with CPU cores.
+
+Images are read in the workers, from disk or a `gs://` bucket, so `num_workers` also bounds
+how many are read at once. A worker process makes its own filesystem client and event loop
+(spawned, it inherits none of the parent's gcsfs state).
 """
 
 from __future__ import annotations

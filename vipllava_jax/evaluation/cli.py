@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 
 
@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="JSON or JSONL question set: LLaVA conversations, ViP-Bench questions "
                    "(question_id, image, text) or v7w / pointQA_twice region records "
                    "(default: the embedded model's test split, %(default)s)")
-    p.add_argument("--image-folder", help="where the records' images are (default: the data file's folder)")
+    p.add_argument("--image-folder", help="where the records' images are, a folder or gs:// URL "
+                   "(default: the data file's folder)")
     p.add_argument("--batch-size", type=int, default=32,
                    help="questions answered together (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=16,
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0,
                    help="markers of region records: record i is drawn with seed (seed, i) "
                    "(default: %(default)s)")
-    p.add_argument("--out", help="write the predictions here as JSONL (a file, checked before any answer)")
+    p.add_argument("--out", help="write the predictions here as JSONL (a file or a gs:// object, "
+                   "checked before any answer; written whole at the end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -53,8 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.seed < 0:
         return _fail(f"--seed must be >= 0, got {args.seed}")
-    if args.out is not None and Path(args.out).is_dir():
-        return _fail(f"--out {args.out} is a folder; give a file name")
+    if args.out is not None:
+        try:
+            out_is_dir = storage.path(args.out).is_dir()
+        except (VipLlavaError, OSError) as e:
+            return _fail(str(e))
+        if out_is_dir:
+            return _fail(f"--out {args.out} is a folder; give a file name")
 
     from vipllava_jax.evaluation.evaluate import evaluate, format_table
 

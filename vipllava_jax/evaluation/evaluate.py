@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import sys
 import uuid
@@ -35,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 
 LETTERS = "ABCD"
@@ -43,7 +45,7 @@ LETTERS = "ABCD"
 @dataclasses.dataclass(frozen=True)
 class Question:
     id: str
-    image: str  # path, resolved against the image folder
+    image: str  # path or gs:// URL, resolved against the image folder
     question: str  # without the <image> placeholder
     reference: str
     category: str = "all"
@@ -96,14 +98,15 @@ def score(prediction: str, reference: str) -> bool:
 
 
 def read_records(path: str | Path) -> list[Any]:
-    """The records of a JSON list or JSONL file.
+    """The records of a JSON list or JSONL file, local or `gs://` (a remote read is retried on
+    transient errors).
 
     Raises:
         VipLlavaError: unreadable file or invalid JSON (one line).
     """
-    path = Path(path)
+    path = storage.path(path)
     try:
-        raw = path.read_text()
+        raw = storage.retry(path.read_text, what=os.fspath(path)) if storage.is_remote(path) else path.read_text()
     except OSError as e:
         raise VipLlavaError(f"cannot read {path}: {e}") from None
     try:
@@ -126,6 +129,7 @@ def load_questions(
 
     Args:
         path: the file; `image` paths are relative to `image_folder` (default: its folder).
+            Either may be a `gs://` URL; the images are then read from the bucket.
         limit: only the first N records.
         seed: region records are marked with `np.random.default_rng([seed, record index])`, so
             a record's markers do not depend on the others.
@@ -134,8 +138,8 @@ def load_questions(
         VipLlavaError: unreadable file, or a record without what its format needs (the
             message names the record).
     """
-    path = Path(path)
-    folder = Path(image_folder) if image_folder is not None else path.parent
+    path = storage.path(path)
+    folder = storage.path(image_folder) if image_folder is not None else path.parent
     records = read_records(path)[:limit]
     fmt = detect_format(records[0]) if records else "llava"
     out = []
@@ -298,8 +302,12 @@ def evaluate(
     Args:
         model_dir: an Orbax folder (or HF folder) holding the tokenizer files.
         data: a question set (JSON/JSONL) in one of `FORMATS`; `limit` keeps its first N records.
+        data, image_folder: local or `gs://`.
         out: if given, the predictions are written there as JSONL (for ViP-Bench, its
-            grader's answers file: one record per question, in question order).
+            grader's answers file: one record per question, in question order), a local file
+            or a `gs://` object; written once, whole, when every answer is in (a bucket gets
+            no partial object; it is checked first that `out` is no folder and, remotely, that
+            its bucket exists).
         seed: the markers of region records (`load_questions`).
         model, processor: already loaded ones (then `model_dir` is not read).
         progress: show a progress bar (batches) on stderr.
@@ -321,14 +329,7 @@ def evaluate(
     if batch_size < 1:
         raise VipLlavaError(f"batch_size must be >= 1, got {batch_size}")
     if out is not None:  # fail before the work, not after it
-        out = Path(out)
-        if out.is_dir():
-            raise VipLlavaError(f"--out {out} is a folder; give a file name")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            open(out, "a").close()
-        except OSError as e:
-            raise VipLlavaError(f"cannot write the predictions to {out}: {e}") from None
+        out = check_out(out)
     questions = load_questions(data, image_folder, limit=limit, seed=seed)
     if not questions:
         raise VipLlavaError(f"{data}: no records")
@@ -342,7 +343,7 @@ def evaluate(
         max_new_tokens=max_new_tokens, template=template, progress=progress,
     )
     if questions[0].question_id is not None:  # ViP-Bench: its grader's answers file, unscored
-        model_id = Path(model_dir).name if model_dir else "vipllava"
+        model_id = storage.path(model_dir).name if model_dir else "vipllava"
         rows = [
             {"question_id": q.question_id, "prompt": q.question, "text": p,
              "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
@@ -364,7 +365,35 @@ def evaluate(
         if letters:
             summary["letters"] = {k: {"reference": a, "predicted": b} for k, (a, b) in letters.items()}
     if out is not None:
-        with open(out, "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        if storage.is_remote(out):  # one upload of the whole object
+            storage.retry(lambda: out.write_text(text), what=os.fspath(out))
+        else:
+            with open(out, "w") as f:
+                f.write(text)
     return summary, rows
+
+
+def check_out(out: str | Path):
+    """`out` as a `storage.path`, checked before any answer is computed: not a folder (a
+    `gs://` prefix with objects under it counts as one); a local one is created empty (and its
+    folder made), a remote one is not written until the end but its bucket must exist.
+
+    Raises:
+        VipLlavaError: a folder, or a place that cannot be written.
+    """
+    out = storage.path(out)
+    remote = storage.is_remote(out)
+    try:
+        if out.is_dir() or (remote and not out.name):
+            raise VipLlavaError(f"--out {out} is a folder; give a file name")
+        if remote:
+            bucket = storage.path("gs://" + os.fspath(out).removeprefix("gs://").split("/", 1)[0])
+            if not bucket.exists():
+                raise VipLlavaError(f"cannot write the predictions to {out}: no bucket {bucket}")
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            open(out, "a").close()
+    except OSError as e:
+        raise VipLlavaError(f"cannot write the predictions to {out}: {e}") from None
+    return out

@@ -4,7 +4,9 @@ transformers' PIL backend computes it."""
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -15,12 +17,13 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 
+from vipllava_jax import storage
 from vipllava_jax.errors import ConfigError, VipLlavaError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path]
+ImageInput = Union[PIL.Image.Image, np.ndarray, str, Path, bytes]
 
 # An image resized to a shortest edge of `size` may be at most this many times `size` long
 # (1 x 10000 px would otherwise become 336 x 3.4M px before the center crop).
@@ -144,7 +147,9 @@ class CLIPImagePreprocessor:
 
 
 def load_image(image: ImageInput) -> PIL.Image.Image:
-    """A PIL image, HWC/HW uint8 array or file path -> an RGB PIL image.
+    """A PIL image, HWC/HW uint8 array, file path (local or `gs://`), encoded file bytes or
+    binary file object -> an RGB PIL image. A `gs://` object is read whole, with
+    `storage.retry` around the read.
 
     Transparency is composited onto white, as transformers 5's `convert_to_rgb` does. A file's
     or PIL image's EXIF orientation is applied (`ImageOps.exif_transpose`, as transformers'
@@ -154,14 +159,19 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 
     Raises:
         VipLlavaError: not an image type, or a file larger than PIL's decompression-bomb limit.
-        OSError: an unreadable or undecodable file.
+        OSError: an unreadable or undecodable file (FileNotFoundError: a missing one).
     """
-    if isinstance(image, (str, Path)):
+    name = image if isinstance(image, (str, Path)) else "image bytes"
+    if isinstance(image, (str, os.PathLike)) and storage.is_remote(image):
+        image = read_image_bytes(image)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        image = io.BytesIO(image)
+    if isinstance(image, (str, Path)) or hasattr(image, "read"):
         try:
             with PIL.Image.open(image) as f:
                 image = f.copy() if f.getexif().get(_ORIENTATION, 1) == 1 else PIL.ImageOps.exif_transpose(f)
         except PIL.Image.DecompressionBombError as e:
-            raise VipLlavaError(f"{image}: {e}") from None
+            raise VipLlavaError(f"{name}: {e}") from None
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
             image.ndim == 3 and image.shape[-1] not in (1, 3, 4)
@@ -175,7 +185,7 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
         image = PIL.Image.fromarray(image)
     elif not isinstance(image, PIL.Image.Image):
         raise VipLlavaError(
-            f"expected a PIL image, numpy array or path, got {type(image).__name__}"
+            f"expected a PIL image, numpy array, path or bytes, got {type(image).__name__}"
         )
     elif image.getexif().get(_ORIENTATION, 1) != 1:
         image = PIL.ImageOps.exif_transpose(image)
@@ -192,6 +202,19 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 
 
 _ORIENTATION = 0x0112  # the EXIF tag
+
+
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, local or `gs://`; a remote read is retried on transient
+    errors (`storage.retry`: 0.5, 1, 2 s), a missing object fails at once (FileNotFoundError).
+
+    Raises:
+        OSError: the file cannot be read (after the retries).
+    """
+    p = storage.path(path)
+    if not storage.is_remote(p):
+        return p.read_bytes()
+    return storage.retry(p.read_bytes, what=os.fspath(p))
 
 
 def expand_to_square(image: PIL.Image.Image, fill: tuple[int, ...]) -> PIL.Image.Image:
@@ -222,7 +245,7 @@ def center_crop(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def is_single_image(images: Any) -> bool:
     """One image (PIL, array or path), not a list of them."""
-    return isinstance(images, (PIL.Image.Image, np.ndarray, str, Path))
+    return isinstance(images, (PIL.Image.Image, np.ndarray, str, Path, bytes))
 
 
 def quiet_transformers() -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vipllava_jax import storage
 from vipllava_jax.processing.region_core import (
     Region,
     RegionError,
@@ -87,21 +89,26 @@ def _vcr_answer(letter: str, content: str, rng: np.random.Generator) -> str:
     return styles[int(rng.integers(len(styles)))]
 
 
-def _meta_path(meta_dir: str, image_folder: str | Path | None) -> Path:
+def _meta_path(meta_dir: str, image_folder: str | os.PathLike | None):
     """The original replaces './dataset' with the image folder; other relative paths are
-    taken relative to it."""
-    if image_folder is None:
-        return Path(meta_dir)
+    taken relative to it. Either may be a `gs://` URL (`storage.path`: kept whole, never
+    through `pathlib.Path`); an absolute path or a URL in `meta_dir` is used as given."""
+    if image_folder is None or storage.is_remote(meta_dir):
+        return storage.path(meta_dir)
     if meta_dir == "./dataset" or meta_dir.startswith("./dataset/"):
-        return Path(image_folder) / meta_dir[len("./dataset/"):]
+        return storage.path(image_folder) / meta_dir[len("./dataset/"):]
     path = Path(meta_dir)
-    return path if path.is_absolute() else Path(image_folder) / path
+    return path if path.is_absolute() else storage.path(image_folder) / path.as_posix()
 
 
 def _vcr_meta(record, image_folder) -> tuple[list, list]:
     path = _meta_path(str(record["meta_dir"]), image_folder)
     try:
-        meta = json.loads(path.read_text())
+        if storage.is_remote(path):
+            text = storage.retry(path.read_text, what=os.fspath(path))
+        else:
+            text = path.read_text()
+        meta = json.loads(text)
         boxes, segms = meta["boxes"], meta["segms"]
     except FileNotFoundError:
         raise RegionError(f"the VCR meta file {path} does not exist") from None
