@@ -13,19 +13,23 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vipllava_jax import storage
 from vipllava_jax.train.config import TrainingError
 from vipllava_jax.train.step import TrainState
 
 CHECKPOINTS = "checkpoints"
+# Orbax's completeness marker of a step on object stores (no atomic rename there)
+COMMIT_SUCCESS = "commit_success.txt"
 
 
 def checkpoint_manager(run_dir: str | Path, keep: int | None = None, *, read_only: bool = False
                        ) -> ocp.CheckpointManager:
     """The manager of `run_dir/checkpoints` (the folder given, wherever the run was first
-    written). `keep`: the newest checkpoints kept (None: all)."""
-    folder = Path(run_dir, CHECKPOINTS).absolute()
+    written; a gs:// URL too: Orbax writes there through tensorstore). `keep`: the newest
+    checkpoints kept (None: all)."""
+    folder = storage.absolute(storage.path(run_dir) / CHECKPOINTS)
     if read_only and not folder.is_dir():
-        raise TrainingError(f"no checkpoints in {Path(run_dir)} (no {CHECKPOINTS}/ folder)")
+        raise TrainingError(f"no checkpoints in {storage.path(run_dir)} (no {CHECKPOINTS}/ folder)")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, enable_async_checkpointing=not read_only,
         create=not read_only, read_only=read_only,
@@ -33,17 +37,27 @@ def checkpoint_manager(run_dir: str | Path, keep: int | None = None, *, read_onl
     return ocp.CheckpointManager(folder, options=options)
 
 
-def set_aside(manager: ocp.CheckpointManager, step: int, why: str) -> Path:
+def set_aside(manager: ocp.CheckpointManager, step: int, why: str):
     """Moves checkpoint `step` out of the manager's folder, to `checkpoints.WHY/STEP` beside it
-    (kept for inspection, never resumed from); returns where it went."""
+    (kept for inspection, never resumed from); returns where it went (a Path, or an
+    epath.Path on a bucket). On a bucket the move is a copy then a delete: the step's commit
+    marker goes first, so a move cut short never leaves a half-deleted step that looks complete."""
     manager.wait_until_finished()
-    src = Path(manager.directory) / str(step)
-    dst = src.parent.with_name(f"{CHECKPOINTS}.{why}") / str(step)
-    if jax.process_index() == 0:
-        dst.parent.mkdir(exist_ok=True)
-        if dst.exists():
-            shutil.rmtree(dst)
-        src.rename(dst)
+    if storage.is_remote(manager.directory):
+        src = storage.path(manager.directory) / str(step)
+        dst = src.parent.parent / f"{CHECKPOINTS}.{why}" / str(step)
+        if jax.process_index() == 0:
+            (src / COMMIT_SUCCESS).unlink(missing_ok=True)
+            storage.rmtree(dst)
+            storage.move_tree(src, dst)
+    else:
+        src = Path(manager.directory) / str(step)
+        dst = src.parent.with_name(f"{CHECKPOINTS}.{why}") / str(step)
+        if jax.process_index() == 0:
+            dst.parent.mkdir(exist_ok=True)
+            if dst.exists():
+                shutil.rmtree(dst)
+            src.rename(dst)
     _sync(f"set_aside_{step}")
     manager.reload()
     return dst

@@ -41,10 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:  # the first Ctrl-C: the step in progress finished and was saved
         print(f"vipllava-train: {e}", file=sys.stderr)
         return 130
-    except (VipLlavaError, OSError) as e:
+    except (VipLlavaError, OSError, *_remote_errors()) as e:
         print(f"vipllava-train: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    """google-cloud-storage's errors (a gs:// output_dir: the run lock's requests), when installed."""
+    try:
+        from google.api_core.exceptions import GoogleAPIError
+    except ImportError:
+        return ()
+    return (GoogleAPIError,)
 
 
 if __name__ == "__main__":

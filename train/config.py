@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 
+from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 from vipllava_jax.registry import STAGES
 from vipllava_jax.train import lora
@@ -210,9 +211,10 @@ class RunConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> RunConfig:
-        """A TOML file, then `key=value` overrides (`train.learning_rate=1e-4`, `steps=10`)."""
+        """A TOML file (local or gs://), then `key=value` overrides (`train.learning_rate=1e-4`,
+        `steps=10`)."""
         try:
-            d = tomllib.loads(Path(path).read_text())
+            d = tomllib.loads(storage.retry(storage.path(path).read_text, what=str(path)))
         except tomllib.TOMLDecodeError as e:
             raise TrainingError(f"{path}: invalid TOML ({e})") from None
         except UnicodeDecodeError:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import jax
 from flax import nnx
 
+from vipllava_jax import storage
 from vipllava_jax.registry import family_of
 from vipllava_jax.train.checkpoints import checkpoint_manager, reason, restore
 from vipllava_jax.train.config import RunConfig, TrainingError
@@ -22,19 +22,23 @@ RUN_FILES = (RUN_CONFIG, "metrics.jsonl", ".run.lock")
 
 
 def is_training_run(path: str | Path) -> bool:
-    """A training run's output folder (it holds the model's files too)."""
-    return (Path(path) / RUN_CONFIG).is_file()
+    """A training run's output folder (it holds the model's files too); a gs:// URL too."""
+    return (storage.path(path) / RUN_CONFIG).is_file()
 
 
-def export_trained_model(output_dir: str | Path, dst: str | Path) -> Path:
+def export_trained_model(output_dir: str | Path, dst: str | Path):
     """A training run's latest complete checkpoint (LoRA merged) as a model folder: the Orbax
     folder `from_pretrained` reads, with the run's tokenizer files (which the run copied from
-    its model), so that `vipllava-eval` or a next training stage can start from it."""
-    dst = Path(dst)
+    its model), so that `vipllava-eval` or a next training stage can start from it.
+
+    Either may be a gs:// URL; returns `dst` (a Path, or an epath.Path). The tokenizer files
+    are copied after `save_pretrained` has completed the folder (its marker written last):
+    a reader that opens it in between finds the weights but not yet the tokenizer."""
+    dst = storage.path(dst)
     load_trained_model(output_dir).save_pretrained(dst)
-    for f in Path(output_dir).iterdir():
-        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy2(f, dst / f.name)
+    for f in storage.path(output_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")) and f.is_file():
+            storage.copy_file(f, dst / f.name)
     return dst
 
 
@@ -42,8 +46,9 @@ def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.M
     """The model of a training run's checkpoint (the latest complete one by default), with
     any LoRA adapters merged into its weights. The checkpoints are those under `output_dir`
     (a copied or moved run reads its own), not under the folder its run config recorded."""
-    out = Path(output_dir)
-    cfg = RunConfig.from_dict(json.loads((out / RUN_CONFIG).read_text()))
+    out = storage.path(output_dir)
+    run_config = out / RUN_CONFIG
+    cfg = RunConfig.from_dict(json.loads(storage.retry(run_config.read_text, what=str(run_config))))
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     model = family_of(cfg.model).model_class.from_pretrained(
         cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)

@@ -17,12 +17,14 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
 
+from vipllava_jax import storage
 from vipllava_jax.train.config import TrainingError
 
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
@@ -120,34 +122,47 @@ def _alive(pid: int) -> bool:
 def run_lock(output_dir: str | Path) -> Iterator[None]:
     """One trainer per output folder: the primary process holds `output_dir/.run.lock`
     (pid, host, start time) while it runs. A lock left by a process that is gone (same host,
-    pid not running) is taken over, so a killed run resumes; a live holder is a one-line error."""
+    pid not running) is taken over, so a killed run resumes; a live holder is a one-line error.
+
+    One code path for a local folder and a gs:// bucket: the lock is created only if absent
+    (O_EXCL; a GCS generation precondition), a stale one is deleted only if it is still the
+    version judged stale (so of two processes taking it over at once, one wins), and release
+    deletes it only if it is still this process's."""
     if jax.process_index() != 0:  # one writer per job: process 0 holds it for all
         yield
         return
-    path = Path(output_dir) / LOCK
+    path = storage.path(output_dir) / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(2):
+    mine = json.dumps(me)
+    for _ in range(3):
+        if storage.create_exclusive(path, mine):
+            break
+        seen = storage.read_versioned(path)
+        if seen is None:  # released meanwhile
+            continue
+        text, version = seen
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
-            if stale or not holder:
-                path.unlink(missing_ok=True)
-                continue
-            raise TrainingError(
-                f"{output_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                f"(since {holder.get('started')}); one trainer per output_dir (remove {path} if that "
-                "process is gone)") from None
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        break
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        stale = holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"])
+        if stale or not holder:
+            storage.delete_if_version(path, version)  # False: another process took it over first
+            continue
+        raise TrainingError(
+            f"{output_dir} is in use by process {holder.get('pid')} on {holder.get('host')} "
+            f"(since {holder.get('started')}); one trainer per output_dir (remove {path} if that "
+            "process is gone)")
     else:
         raise TrainingError(f"could not take the run lock {path}")
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        try:
+            seen = storage.read_versioned(path)
+            if seen is not None and seen[0] == mine:
+                storage.delete_if_version(path, seen[1])
+        except Exception as e:  # noqa: BLE001 - a failed release must not hide how the run ended
+            # left behind, it names a process gone: the next run on this host takes it over
+            print(f"could not release the run lock {path}: {type(e).__name__}: {e}", file=sys.stderr)

@@ -15,6 +15,9 @@ On several hosts (`jax.distributed.initialize` before `train`) every process run
 with the same config: each loads `batch_size // process_count` rows, `shard_batch` assembles the
 global batch, all save the checkpoint together (with every host's data position), and process
 0 alone writes metrics.jsonl and the output folder's files.
+`output_dir` (and `model`) may be a gs:// URL: Orbax writes the checkpoints there itself; the
+run lock is a create-if-absent object; metrics.jsonl (an object store cannot append) is
+written whole at each checkpoint save and when the run stops.
 There is no dropout in VipLlava, so the state needs no RNG: a resumed run reproduces the
 losses of an uninterrupted one exactly.
 """
@@ -25,8 +28,9 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -36,7 +40,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from vipllava_jax import hub
+from vipllava_jax import hub, storage
 from vipllava_jax.processing.captions import image_preprocessor
 from vipllava_jax.processing.processor import VipLlavaProcessor
 from vipllava_jax.registry import family_of
@@ -56,16 +60,17 @@ from vipllava_jax.train.mesh import mesh_from_spec, shard_batch
 from vipllava_jax.train.step import init_train_state, make_train_step
 
 
-def _prepare_output(cfg: RunConfig) -> Path:
+def _prepare_output(cfg: RunConfig):
     """The output folder carries the model config and tokenizer files, so that a training
-    checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`)."""
-    out = Path(cfg.output_dir)
+    checkpoint converts back to HF on its own (`vipllava-convert orbax-to-hf OUTPUT_DIR`).
+    A Path, or an epath.Path for a gs:// output_dir."""
+    out = storage.path(cfg.output_dir)
     if jax.process_index() != 0:  # one writer when several processes share the folder
         return out
-    for f in Path(cfg.model).iterdir():
-        if f.is_file() and f.suffix in (".json", ".txt", ".model") and not f.name.startswith("."):
+    for f in storage.path(cfg.model).iterdir():
+        if f.suffix in (".json", ".txt", ".model") and not f.name.startswith(".") and f.is_file():
             if not (out / f.name).exists():
-                shutil.copy2(f, out / f.name)
+                storage.copy_file(f, out / f.name)
     (out / RUN_CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return out
 
@@ -78,7 +83,8 @@ def train(cfg: RunConfig, *, progress: bool = True) -> list[dict[str, float]]:
     settings = explicit_settings(dataclasses.asdict(cfg))
     check_joined(settings["num_processes"] if settings else 1)
     cfg = dataclasses.replace(cfg, model=str(hub.resolve(cfg.model)))  # a hub id: its cached snapshot
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if not storage.is_remote(cfg.output_dir):  # a bucket has no folders to create
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     with run_lock(cfg.output_dir):
         return _train(cfg, progress=progress)
 
@@ -116,7 +122,7 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
             f"{out / 'checkpoints.damaged' / str(bad)}")
     if start is not None:
         loader.load_state_dict(host_data_state(saved_data))
-        say(f"resumed from step {start} ({Path(manager.directory) / str(start)})")
+        say(f"resumed from step {start} ({manager.directory / str(start)})")
     start = start or 0
     if primary:
         _drop_metrics_after(out / "metrics.jsonl", start)
@@ -139,7 +145,7 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
     batches = iter(loader)
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (progress and primary))
     # metrics are global (the step reduces over all processes): process 0 writes them
-    with (open(out / "metrics.jsonl", "a") if primary else contextlib.nullcontext() as log,
+    with (_MetricsLog(out / "metrics.jsonl") if primary else contextlib.nullcontext() as log,
           _sigint_flag() as interrupted):
         try:
             for step in range(start + 1, last + 1):
@@ -158,7 +164,6 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
                 history.append(metrics)
                 if primary:
                     log.write(json.dumps(metrics) + "\n")
-                    log.flush()
                 if board is not None:
                     for k, v in metrics.items():
                         if k != "step":
@@ -176,14 +181,16 @@ def _train(cfg: RunConfig, *, progress: bool) -> list[dict[str, float]]:
                     _check_params(state, step, manager)
                 if step % cfg.save_every == 0 or final:
                     save(step)
+                    if primary:
+                        log.sync()  # a bucket's metrics.jsonl: written whole with each checkpoint
                 if interrupted():
                     manager.wait_until_finished()
                     raise Interrupted(f"interrupted after step {step}; saved checkpoint {step} in "
-                                      f"{Path(manager.directory)} (run the same command to resume)")
+                                      f"{manager.directory} (run the same command to resume)")
         finally:
             bar.close()
             if board is not None:
-                board.close()
+                _close_board(board)
             manager.wait_until_finished()  # a save in flight completes, whatever stopped the run
     _prune(manager, cfg.keep)
     manager.close()
@@ -221,9 +228,56 @@ def _prune(manager, keep: int) -> None:
         manager.delete(old)
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
+class _MetricsLog:
+    """metrics.jsonl, one JSON row a step. Locally appended and flushed row by row. An object
+    store cannot append: for a gs:// output_dir the rows are kept in memory and the whole
+    object (its earlier rows included) is written at `sync` (each checkpoint save) and when
+    the run stops, for whatever reason (a single object write is atomic on GCS)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.remote = storage.is_remote(path)
+        if self.remote:
+            old = storage.retry(path.read_text, what=os.fspath(path)) if path.exists() else ""
+            if old and not old.endswith("\n"):
+                old += "\n"
+            self.rows = [old] if old else []
+            self.written = len(self.rows)
+        else:
+            self.file = open(path, "a")
+
+    def write(self, row: str) -> None:
+        if self.remote:
+            self.rows.append(row)
+        else:
+            self.file.write(row)
+            self.file.flush()
+
+    def sync(self) -> None:
+        if self.remote and len(self.rows) != self.written:
+            text = "".join(self.rows)
+            storage.retry(lambda: self.path.write_text(text), what=os.fspath(self.path))
+            self.written = len(self.rows)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if not self.remote:
+            self.file.close()
+            return
+        try:
+            self.sync()
+        except Exception as e:  # noqa: BLE001 - a failed upload must not hide why the run stopped
+            if exc_type is None:
+                raise
+            print(f"could not write {os.fspath(self.path)}: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def _drop_metrics_after(path, step: int) -> None:
     """A resumed run logs again the steps after its checkpoint: their old rows go (the file is
-    rewritten whole, then renamed over the old one)."""
+    rewritten whole, then renamed over the old one; on a bucket, written whole: one object
+    write is atomic)."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines(keepends=True)
@@ -235,7 +289,9 @@ def _drop_metrics_after(path: Path, step: int) -> None:
             continue  # a line cut short by a killed run
         if row_step <= step:
             keep.append(line if line.endswith("\n") else line + "\n")
-    if keep != lines:
+    if keep != lines and storage.is_remote(path):
+        path.write_text("".join(keep))
+    elif keep != lines:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(keep))
         tmp.replace(path)
@@ -290,7 +346,22 @@ def data_loader(cfg: RunConfig, model_config, batch_size: int) -> RecordLoader:
     return TrainDataLoader(cfg.data, cfg.image_folder, processor, options, template=cfg.template)
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out):
     from tensorboardX import SummaryWriter  # imported here: only the primary process writes
 
-    return SummaryWriter(str(out / "tensorboard"))
+    # a gs:// URL too: tensorboardX writes it through google-cloud-storage itself
+    return SummaryWriter(os.fspath(out / "tensorboard"))
+
+
+def _close_board(board) -> None:
+    """Closes the TensorBoard writer. On gs://, tensorboardX's record writer uploads its whole
+    buffer again each time it is closed, and once more when it is garbage-collected, which its
+    atexit hook delays to interpreter exit (then retried for minutes if the bucket is
+    unreachable): once closed, everything is uploaded, so its later closes are made no-ops."""
+    files = list((board.all_writers or {}).values())
+    board.close()
+    for f in files:
+        events = getattr(getattr(f, "event_writer", None), "_ev_writer", None)
+        writer = getattr(getattr(events, "_py_recordio_writer", None), "_writer", None)
+        if type(writer).__name__ == "GCSRecordWriter":
+            writer.close = lambda: None
