@@ -29,6 +29,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -200,13 +201,16 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 4, first_wait: floa
 
 def create_exclusive(p: PathLike, text: str) -> bool:
     """Writes `text` to `p` only if `p` does not exist; False when it does."""
-    if not is_remote(p):
+    if not is_remote(p):  # written aside, then linked in: never seen empty
+        tmp = f"{os.fspath(p)}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "w") as f:
+            f.write(text)
         try:
-            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, p)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        finally:
+            os.unlink(tmp)
         return True
     from google.api_core.exceptions import PreconditionFailed
 
