@@ -16,6 +16,7 @@ import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
 from tests.helpers.train import run_config
+from vipllava_jax import storage
 from vipllava_jax.train.loop import train
 
 STEPS = 8
@@ -159,3 +160,41 @@ def test_interrupted_run_saves_its_step_and_resumes(workspace, tmp_path, compile
 
     rest = train(run_config(workspace, out, steps=STEPS, save_every=SAVE_EVERY), progress=False)
     assert [m["step"] for m in rest] == list(range(stopped + 1, STEPS + 1))
+
+
+def test_killed_run_in_a_bucket_resumes_from_its_last_complete_checkpoint(workspace, tmp_path, compile_cache,
+                                                                          gcs_bucket):
+    """The same on a gs:// output_dir (the GCS emulator): Orbax writes a step in place there and
+    commits it with a marker object; a step killed before its marker is not a checkpoint."""
+    out = f"{gcs_bucket}/killed"
+    config = tmp_path / "run.toml"
+    config.write_text(_toml(workspace, out))
+    command = [str(Path(sys.executable).with_name("vipllava-train")), "--config", str(config)]
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **compile_cache}, start_new_session=True)
+        try:  # kill once step 4's save has begun (its objects appear before its marker)
+            ckpt = storage.path(out) / "checkpoints"
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and proc.poll() is None and not (ckpt / "4").exists():
+                time.sleep(0.05)
+            assert proc.poll() is None, (tmp_path / "train.log").read_text()
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    manager = ocp.CheckpointManager(storage.absolute(ckpt))
+    latest = manager.latest_step()
+    manager.close()
+    assert latest in (2, 4), latest  # step 4 only if its marker landed before the kill
+
+    rest = train(run_config(workspace, out, steps=STEPS, save_every=SAVE_EVERY), progress=False)
+    full = train(run_config(workspace, tmp_path / "full", steps=STEPS, save_every=SAVE_EVERY), progress=False)
+    assert [m["step"] for m in rest] == list(range(latest + 1, STEPS + 1))
+    got, expected = [m["loss"] for m in rest], [m["loss"] for m in full[latest:]]
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-6, (got, expected)
+    rows = [json.loads(line)["step"] for line in (storage.path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert rows == list(range(1, STEPS + 1))
