@@ -9,10 +9,11 @@ Object stores have no atomic folder rename and no exclusive file create. What th
 offers instead, and what the rest of the package builds on:
 
 - `create_exclusive` / `read_versioned` / `delete_if_version`: an object created only if
-  absent and deleted only if unchanged (GCS generation preconditions; O_EXCL locally). The
-  training run lock uses them.
+  absent and deleted only if unchanged (GCS generation preconditions; a hard link locally).
+  The training run lock uses them.
 - `local_mirror`: a remote model folder's small files (config, tokenizer, processor) copied
-  to a local cache, for the transformers classes that read only local folders.
+  to a local cache, for the transformers classes that read only local folders; `local_copy`
+  (a whole folder, weights too) and `staged` (a local folder uploaded afterwards) likewise.
 - `retry`: a transient read error (a 503, a reset connection) retried with backoff.
 
 `gs://` needs gcsfs (`pip install "vipllava-jax[gcs]"`); credentials are the Google default
