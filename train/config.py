@@ -214,7 +214,7 @@ class RunConfig:
         """A TOML file (local or gs://), then `key=value` overrides (`train.learning_rate=1e-4`,
         `steps=10`)."""
         try:
-            d = tomllib.loads(storage.retry(storage.path(path).read_text, what=str(path)))
+            d = tomllib.loads(storage.read_text(path))
         except tomllib.TOMLDecodeError as e:
             raise TrainingError(f"{path}: invalid TOML ({e})") from None
         except UnicodeDecodeError:

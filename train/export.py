@@ -47,8 +47,7 @@ def load_trained_model(output_dir: str | Path, step: int | None = None) -> nnx.M
     any LoRA adapters merged into its weights. The checkpoints are those under `output_dir`
     (a copied or moved run reads its own), not under the folder its run config recorded."""
     out = storage.path(output_dir)
-    run_config = out / RUN_CONFIG
-    cfg = RunConfig.from_dict(json.loads(storage.retry(run_config.read_text, what=str(run_config))))
+    cfg = RunConfig.from_dict(json.loads(storage.read_text(out / RUN_CONFIG)))
     mesh = mesh_from_spec("data=1", jax.devices()[:1])
     model = family_of(cfg.model).model_class.from_pretrained(
         cfg.model, dtype=cfg.param_dtype, param_dtype=cfg.param_dtype)

@@ -238,7 +238,7 @@ class _MetricsLog:
         self.path = path
         self.remote = storage.is_remote(path)
         if self.remote:
-            old = storage.retry(path.read_text, what=os.fspath(path)) if path.exists() else ""
+            old = storage.read_text(path) if path.exists() else ""
             if old and not old.endswith("\n"):
                 old += "\n"
             self.rows = [old] if old else []
@@ -255,8 +255,7 @@ class _MetricsLog:
 
     def sync(self) -> None:
         if self.remote and len(self.rows) != self.written:
-            text = "".join(self.rows)
-            storage.retry(lambda: self.path.write_text(text), what=os.fspath(self.path))
+            storage.write_text(self.path, "".join(self.rows))
             self.written = len(self.rows)
 
     def __enter__(self):

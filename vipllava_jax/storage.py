@@ -147,7 +147,7 @@ def local_mirror(folder: PathLike) -> pathlib.Path:
     local.mkdir(parents=True, exist_ok=True)
     for f in remote.iterdir():
         if f.name.endswith(_MIRROR_SUFFIXES) and f.is_file():
-            data = retry(f.read_bytes, what=os.fspath(f))
+            data = read_bytes(f)
             tmp = local / f".{f.name}.tmp-{os.getpid()}"
             tmp.write_bytes(data)
             tmp.replace(local / f.name)
@@ -196,6 +196,28 @@ def retry(fn: Callable[[], T], *, what: str, attempts: int = 4, first_wait: floa
                               f"(after {attempts} attempts)") from None
             time.sleep(first_wait * 2 ** i)
     raise AssertionError("unreachable")
+
+
+def read_bytes(p: PathLike) -> bytes:
+    """A file's bytes; a remote read is retried on transient errors (`retry`)."""
+    q = path(p)
+    return retry(q.read_bytes, what=os.fspath(q)) if is_remote(q) else q.read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+    """A file's text; a remote read is retried on transient errors (`retry`)."""
+    q = path(p)
+    return retry(q.read_text, what=os.fspath(q)) if is_remote(q) else q.read_text()
+
+
+def write_text(p: PathLike, text: str) -> None:
+    """Writes a file whole; on an object store one upload (atomic there), retried on transient
+    errors."""
+    q = path(p)
+    if is_remote(q):
+        retry(lambda: q.write_text(text), what=os.fspath(q))
+    else:
+        q.write_text(text)
 
 
 # -- create-if-absent / delete-if-unchanged ---------------------------------------------------

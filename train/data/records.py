@@ -4,7 +4,6 @@ the `SkipRecord` error that says why a record cannot be used."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +49,7 @@ class Annotations:
         """
         self.path = storage.path(path)
         try:
-            if storage.is_remote(self.path):
-                raw = storage.retry(self.path.read_bytes, what=os.fspath(self.path))
-            else:
-                raw = self.path.read_bytes()
+            raw = storage.read_bytes(self.path)
         except OSError as e:
             raise VipLlavaError(f"cannot read annotations {self.path}: {e}") from None
         self.jsonl = not raw.lstrip().startswith(b"[")

@@ -9,6 +9,7 @@ bad checkpoint fails fast with the offending tensor named.
 from __future__ import annotations
 
 import functools
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -47,14 +48,10 @@ def _open_bin(path: Path) -> TensorTable:
         import torch
     except ImportError:
         raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
-    if storage.is_remote(path):  # torch reads local files: a copy in memory
-        import io
-
-        path_or_buffer = io.BytesIO(storage.retry(path.read_bytes, what=str(path)))
-    else:
-        path_or_buffer = path
+    remote = storage.is_remote(path)  # torch reads local files: a remote one is copied to memory
     try:
-        state = torch.load(path_or_buffer, map_location="cpu", weights_only=True, mmap=not storage.is_remote(path))
+        state = torch.load(io.BytesIO(storage.read_bytes(path)) if remote else path, map_location="cpu",
+                           weights_only=True, mmap=not remote)
     except Exception as e:  # torch raises many types for corrupt or truncated zips
         # torch's messages span several lines; keep the line that names the cause.
         msg = " ".join(str(e).split())

@@ -106,7 +106,7 @@ def read_records(path: str | Path) -> list[Any]:
     """
     path = storage.path(path)
     try:
-        raw = storage.retry(path.read_text, what=os.fspath(path)) if storage.is_remote(path) else path.read_text()
+        raw = storage.read_text(path)
     except OSError as e:
         raise VipLlavaError(f"cannot read {path}: {e}") from None
     try:
@@ -365,12 +365,7 @@ def evaluate(
         if letters:
             summary["letters"] = {k: {"reference": a, "predicted": b} for k, (a, b) in letters.items()}
     if out is not None:
-        text = "".join(json.dumps(r) + "\n" for r in rows)
-        if storage.is_remote(out):  # one upload of the whole object
-            storage.retry(lambda: out.write_text(text), what=os.fspath(out))
-        else:
-            with open(out, "w") as f:
-                f.write(text)
+        storage.write_text(out, "".join(json.dumps(r) + "\n" for r in rows))  # on GCS: one upload
     return summary, rows
 
 

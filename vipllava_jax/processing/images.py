@@ -148,8 +148,8 @@ class CLIPImagePreprocessor:
 
 def load_image(image: ImageInput) -> PIL.Image.Image:
     """A PIL image, HWC/HW uint8 array, file path (local or `gs://`), encoded file bytes or
-    binary file object -> an RGB PIL image. A `gs://` object is read whole, with
-    `storage.retry` around the read.
+    binary file object -> an RGB PIL image. A `gs://` object is read whole (`storage.read_bytes`,
+    retried on transient errors).
 
     Transparency is composited onto white, as transformers 5's `convert_to_rgb` does. A file's
     or PIL image's EXIF orientation is applied (`ImageOps.exif_transpose`, as transformers'
@@ -163,7 +163,7 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
     """
     name = image if isinstance(image, (str, Path)) else "image bytes"
     if isinstance(image, (str, os.PathLike)) and storage.is_remote(image):
-        image = read_image_bytes(image)
+        image = storage.read_bytes(image)
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = io.BytesIO(image)
     if isinstance(image, (str, Path)) or hasattr(image, "read"):
@@ -202,19 +202,6 @@ def load_image(image: ImageInput) -> PIL.Image.Image:
 
 
 _ORIENTATION = 0x0112  # the EXIF tag
-
-
-def read_image_bytes(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file, local or `gs://`; a remote read is retried on transient
-    errors (`storage.retry`: 0.5, 1, 2 s), a missing object fails at once (FileNotFoundError).
-
-    Raises:
-        OSError: the file cannot be read (after the retries).
-    """
-    p = storage.path(path)
-    if not storage.is_remote(p):
-        return p.read_bytes()
-    return storage.retry(p.read_bytes, what=os.fspath(p))
 
 
 def expand_to_square(image: PIL.Image.Image, fill: tuple[int, ...]) -> PIL.Image.Image:

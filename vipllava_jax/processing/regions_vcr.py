@@ -104,11 +104,7 @@ def _meta_path(meta_dir: str, image_folder: str | os.PathLike | None):
 def _vcr_meta(record, image_folder) -> tuple[list, list]:
     path = _meta_path(str(record["meta_dir"]), image_folder)
     try:
-        if storage.is_remote(path):
-            text = storage.retry(path.read_text, what=os.fspath(path))
-        else:
-            text = path.read_text()
-        meta = json.loads(text)
+        meta = json.loads(storage.read_text(path))
         boxes, segms = meta["boxes"], meta["segms"]
     except FileNotFoundError:
         raise RegionError(f"the VCR meta file {path} does not exist") from None
