@@ -5,7 +5,6 @@ restores, and setting aside the ones that must not be resumed from."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -43,21 +42,15 @@ def set_aside(manager: ocp.CheckpointManager, step: int, why: str):
     epath.Path on a bucket). On a bucket the move is a copy then a delete: the step's commit
     marker goes first, so a move cut short never leaves a half-deleted step that looks complete."""
     manager.wait_until_finished()
-    if storage.is_remote(manager.directory):
-        src = storage.path(manager.directory) / str(step)
-        dst = src.parent.parent / f"{CHECKPOINTS}.{why}" / str(step)
-        if jax.process_index() == 0:
+    src = storage.path(manager.directory) / str(step)
+    dst = src.parent.parent / f"{CHECKPOINTS}.{why}" / str(step)
+    if jax.process_index() == 0:
+        if storage.is_remote(src):
             (src / COMMIT_SUCCESS).unlink(missing_ok=True)
-            storage.rmtree(dst)
-            storage.move_tree(src, dst)
-    else:
-        src = Path(manager.directory) / str(step)
-        dst = src.parent.with_name(f"{CHECKPOINTS}.{why}") / str(step)
-        if jax.process_index() == 0:
+        else:
             dst.parent.mkdir(exist_ok=True)
-            if dst.exists():
-                shutil.rmtree(dst)
-            src.rename(dst)
+        storage.rmtree(dst)
+        storage.move_tree(src, dst)  # a rename locally
     _sync(f"set_aside_{step}")
     manager.reload()
     return dst

@@ -118,7 +118,7 @@ def _remote_output(dst, overwrite: bool):
     """Yields `dst` itself, claimed by a create-if-absent object `dst/CLAIM` (a second writer
     fails at once); on failure everything written is removed; the claim goes last. Readers
     look for the marker (or config.json), which the writer writes after everything else."""
-    if any(True for _ in _iter_or_empty(dst)):
+    if dst.exists():  # any object under the prefix
         if not overwrite:
             raise CheckpointError(f"{dst} already exists (pass --overwrite to replace it)")
         storage.rmtree(dst)
@@ -130,13 +130,6 @@ def _remote_output(dst, overwrite: bool):
         storage.rmtree(dst)
         raise
     (dst / CLAIM).unlink()
-
-
-def _iter_or_empty(folder):
-    try:
-        yield from folder.iterdir()
-    except (FileNotFoundError, NotADirectoryError):
-        return
 
 
 def _commit(tmp: Path, dst: Path, overwrite: bool) -> None:
