@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vipllava_jax import storage
 from vipllava_jax.errors import VipLlavaError
 
 
@@ -55,14 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.seed < 0:
         return _fail(f"--seed must be >= 0, got {args.seed}")
-    if args.out is not None:
-        try:
-            out_is_dir = storage.path(args.out).is_dir()
-        except (VipLlavaError, OSError) as e:
-            return _fail(str(e))
-        if out_is_dir:
-            return _fail(f"--out {args.out} is a folder; give a file name")
-
     from vipllava_jax.evaluation.evaluate import evaluate, format_table
 
     try:
