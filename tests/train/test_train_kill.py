@@ -74,30 +74,37 @@ def _save_in_flight(ckpt: Path) -> bool:
     return any(TMP in n and n.split(".")[0].isdigit() and int(n.split(".")[0]) >= 4 for n in names)
 
 
-def _kill_mid_run(workspace, tmp_path, out: Path, env: dict[str, str]) -> tuple[list[int], bool]:
+def _kill_when(ready, workspace, tmp_path, out, env: dict[str, str], *, within: float, poll: float) -> None:
+    """Starts `vipllava-train` on the run writing to `out` and SIGKILLs it once `ready()` holds
+    (polled every `poll` s, for at most `within` s); it must still be running then."""
     config = tmp_path / "run.toml"
     config.write_text(_toml(workspace, out))
     command = [str(Path(sys.executable).with_name("vipllava-train")), "--config", str(config)]
-    log = open(tmp_path / "train.log", "w")
-    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        in_flight = False
-        while time.monotonic() < deadline and proc.poll() is None:
-            in_flight = _save_in_flight(out / "checkpoints")
-            if in_flight or any(s >= KILL_AT for s in _logged_steps(out)):
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"the run ended before it was killed:\n{(tmp_path / 'train.log').read_text()}"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
-    return _logged_steps(out), in_flight
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + within
+            while time.monotonic() < deadline and proc.poll() is None and not ready():
+                time.sleep(poll)
+            assert proc.poll() is None, f"the run ended before it was killed:\n{(tmp_path / 'train.log').read_text()}"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _kill_mid_run(workspace, tmp_path, out: Path, env: dict[str, str]) -> tuple[list[int], bool]:
+    seen = {"in_flight": False}
+
+    def ready():
+        seen["in_flight"] = _save_in_flight(out / "checkpoints")
+        return seen["in_flight"] or any(s >= KILL_AT for s in _logged_steps(out))
+
+    _kill_when(ready, workspace, tmp_path, out, env, within=90, poll=0.002)
+    return _logged_steps(out), seen["in_flight"]
 
 
 def test_killed_run_resumes_from_its_last_complete_checkpoint(workspace, tmp_path, compile_cache):
@@ -167,24 +174,9 @@ def test_killed_run_in_a_bucket_resumes_from_its_last_complete_checkpoint(worksp
     """The same on a gs:// output_dir (the GCS emulator): Orbax writes a step in place there and
     commits it with a marker object; a step killed before its marker is not a checkpoint."""
     out = f"{gcs_bucket}/killed"
-    config = tmp_path / "run.toml"
-    config.write_text(_toml(workspace, out))
-    command = [str(Path(sys.executable).with_name("vipllava-train")), "--config", str(config)]
-    with open(tmp_path / "train.log", "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **compile_cache}, start_new_session=True)
-        try:  # kill once step 4's save has begun (its objects appear before its marker)
-            ckpt = storage.path(out) / "checkpoints"
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and proc.poll() is None and not (ckpt / "4").exists():
-                time.sleep(0.05)
-            assert proc.poll() is None, (tmp_path / "train.log").read_text()
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(timeout=30) == -signal.SIGKILL
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    ckpt = storage.path(out) / "checkpoints"
+    # killed once step 4's save has begun (its objects appear before its marker)
+    _kill_when((ckpt / "4").exists, workspace, tmp_path, out, compile_cache, within=120, poll=0.05)
 
     manager = ocp.CheckpointManager(storage.absolute(ckpt))
     latest = manager.latest_step()
